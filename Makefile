@@ -1,0 +1,26 @@
+# `make repro` sets everything up and runs the pipeline; `make test` runs the tests.
+PYTHON ?= python3.11
+VENV ?= .venv
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+# No phone-home from DVC or MLflow.
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+
+.PHONY: install repro test ui
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	touch $@
+
+repro: install
+	dvc repro
+
+test: install
+	python -m pytest -q tests
+
+ui: install
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1

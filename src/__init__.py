@@ -1,0 +1,1 @@
+"""ResNet transfer learning: one script per DVC stage (see dvc.yaml)."""

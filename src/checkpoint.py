@@ -1,0 +1,38 @@
+"""Self-describing checkpoints: weights plus everything needed to use them.
+
+A checkpoint is a plain dict of tensors, strings and numbers, so it loads with
+`torch.load(..., weights_only=True)`: no pickled code can run from a checkpoint file.
+"""
+from pathlib import Path
+
+import torch
+
+from src.common import UserError, atomic_path
+
+FORMAT = "resnet-tl/1"
+
+
+def save_checkpoint(path, state):
+    """Write atomically: a kill mid-write leaves the previous file intact."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found: train first (`dvc repro train`)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a loadable weights file (refused with weights_only=True): "
+                        f"{str(e).splitlines()[0][:200]}") from None
+
+
+def model_state(state):
+    """The state dict of a checkpoint: this project's own, or a bare torchvision-format one."""
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        return state["model"]
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        return state["state_dict"]
+    return state

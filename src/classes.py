@@ -1,0 +1,35 @@
+"""Stage `classes`: data/class_indices.json, index -> class name, as the tutorial wrote it.
+
+Names are sorted, so the same classes always get the same indices.
+"""
+import csv
+from pathlib import Path
+
+from src.common import UserError, read_json, run_stage, write_json
+
+MANIFEST = Path("data/manifest.csv")
+CLASS_INDEX = Path("data/class_indices.json")
+
+
+def read_manifest(path=MANIFEST):
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: run `dvc repro split` first") from None
+
+
+def load_class_names(path=CLASS_INDEX):
+    """The class names in index order."""
+    index = read_json(path)
+    return [index[str(i)] for i in range(len(index))]
+
+
+def main():
+    names = sorted({row["label"] for row in read_manifest()})
+    write_json(CLASS_INDEX, {str(i): name for i, name in enumerate(names)})
+    print(f"classes: {len(names)} -> {CLASS_INDEX}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

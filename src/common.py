@@ -1,0 +1,54 @@
+"""Small pieces every stage shares: user-facing errors and atomic file writes."""
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad param, bad file). Printed as one line, no traceback."""
+
+
+def run_stage(main):
+    """Run a stage's main(); a UserError becomes `error: ...` on stderr and exit code 2."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
+
+    A crash (even SIGKILL) leaves the old file intact: readers never see half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path, data):
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: run the stage that writes it first (`dvc repro`)") from None

@@ -1,0 +1,80 @@
+"""Shared test helpers: a throw-away copy of the project as its own git + DVC repo."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+PROJECT_FILES = ["src", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"]
+
+# Tiny settings: the whole pipeline in seconds on 2 cores.
+TINY = {
+    "data.image_size": 16,
+    "train.epochs": 1,
+    "train.batch_size": 128,
+    "evaluate.batch_size": 256,
+}
+
+
+def env():
+    e = dict(os.environ, DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
+             GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+             GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
+    # Stages run `python`: make it this interpreter, whatever PATH says.
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
+    e.pop("MLFLOW_TRACKING_URI", None)
+    return e
+
+
+def run(cmd, cwd, check=True, **kwargs):
+    """Run a command like a user would; on failure show everything it printed."""
+    result = subprocess.run(cmd, cwd=cwd, env=kwargs.pop("env", env()), capture_output=True, text=True,
+                            shell=isinstance(cmd, str), **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def set_params(project, overrides):
+    """Write dotted overrides ({'train.lr': 0.1}) into project/params.yaml."""
+    path = Path(project) / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in overrides.items():
+        node = params
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_project(dest, overrides=None):
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    set_params(dest, {**TINY, **(overrides or {})})
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-q", "-m", "project"], dest)
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A fresh git + DVC copy of this project with tiny params, committed."""
+    return make_project(tmp_path / "project")
+
+
+def python():
+    return sys.executable

@@ -1,0 +1,64 @@
+"""The whole pipeline through real `dvc repro`, in a throw-away copy of the project."""
+import csv
+import json
+
+import mlflow
+
+from conftest import run
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_repro_end_to_end_then_noop(project):
+    run(["dvc", "repro"], project)
+
+    manifest = read_csv(project / "data/manifest.csv")
+    assert len(manifest) == 1797  # every digit image, each in exactly one split
+    assert {r["split"] for r in manifest} == {"train", "val", "test"}
+    classes = json.loads((project / "data/class_indices.json").read_text())
+    assert classes == {str(i): str(i) for i in range(10)}
+
+    train = json.loads((project / "metrics/train.json").read_text())
+    assert train["epochs_run"] == 1
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    test_rows = [r for r in manifest if r["split"] == "test"]
+    assert evaluation["test_images"] == len(test_rows)
+    assert evaluation["test_accuracy"] > 0.3  # 1 epoch at 16 px: far above chance (0.1)
+
+    predictions = read_csv(project / "data/predictions.csv")
+    assert [p["file"] for p in predictions] == [r["path"] for r in test_rows]
+    assert all(0 < float(p["probability"]) <= 1 for p in predictions)
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["resnet-transfer"], output_format="list")
+    assert len(runs) == 1
+    assert runs[0].data.params["arch"] == "resnet18"
+    assert runs[0].data.metrics["test_accuracy"] == evaluation["test_accuracy"]
+
+    again = run(["dvc", "repro"], project)
+    assert "up to date" in again.stdout
+    assert len(mlflow.search_runs(experiment_names=["resnet-transfer"], output_format="list")) == 1
+
+
+def test_experiment_with_another_arch_is_listed(project):
+    run(["dvc", "repro"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-q", "-m", "baseline"], project)
+    run(["dvc", "exp", "run", "-S", "arch=resnet34", "-n", "r34"], project)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    archs = []
+    for rev in shown:
+        for exp in [rev] + [e for exps in (rev.get("experiments") or []) for e in exps.get("revs", [])]:
+            data = (exp.get("data") or {})
+            params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+            metrics = data.get("metrics", {}).get("metrics/eval.json", {}).get("data", {})
+            if params.get("arch") and metrics:
+                archs.append((data.get("name") or exp.get("name"), params["arch"]))
+    assert ("r34", "resnet34") in archs, archs
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["resnet-transfer"], output_format="list")
+    assert sorted(r.data.params["arch"] for r in runs) == ["resnet18", "resnet34"]
+    assert any(r.info.run_name == "r34" for r in runs)
