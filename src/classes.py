@@ -25,6 +25,15 @@ def load_class_names(path=CLASS_INDEX):
     return [index[str(i)] for i in range(len(index))]
 
 
+def check_same_classes(checkpoint_classes, path=CLASS_INDEX, what="this checkpoint"):
+    """Refuse a checkpoint trained on other classes than the current class index."""
+    expected = load_class_names(path)
+    if list(checkpoint_classes) != expected:
+        raise UserError(
+            f"{what} was trained on classes {list(checkpoint_classes)[:6]}... but {path} lists "
+            f"{expected[:6]}...; retrain (`dvc repro train`) or use a checkpoint made for these classes")
+
+
 def main():
     names = sorted({row["label"] for row in read_manifest()})
     write_json(CLASS_INDEX, {str(i): name for i, name in enumerate(names)})

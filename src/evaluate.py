@@ -7,7 +7,6 @@ import io
 import csv
 from pathlib import Path
 
-import mlflow
 import torch
 
 from src import tracking
@@ -49,9 +48,7 @@ def main():
     write_text(CONFUSION_PATH, buf.getvalue())
 
     if ckpt.get("mlflow_run_id"):
-        tracking.setup(params["mlflow"]["experiment"])
-        with mlflow.start_run(run_id=ckpt["mlflow_run_id"]):
-            mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        tracking.log_evaluation(params, ckpt["mlflow_run_id"], metrics)
     print(f"evaluate: {split} accuracy {accuracy:.4f} on {len(paths)} images -> {EVAL_PATH}")
 
 

@@ -33,3 +33,15 @@ def head_module_name(model):
     if last is None:
         raise UserError(f"{type(model).__name__} has no Linear classification head to replace")
     return last
+
+
+def create_model(params, num_classes):
+    """The network the train stage fits: `arch`, with `model.pretrained` weights and
+    `model.transfer` applied (issue 3 fills in pretrained loading and freezing)."""
+    return build_model(params["arch"], num_classes)
+
+
+def preprocessing(params):
+    """Normalisation that belongs to the weights in use (ImageNet's for torchvision weights)."""
+    from src.data import IMAGENET_MEAN, IMAGENET_STD
+    return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import mlflow
 
+from src.params import flatten
+
 
 def workspace_root():
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
@@ -69,3 +71,33 @@ def run_tags(dataset_digest=None):
 
 def run_name():
     return os.environ.get("DVC_EXP_NAME") or "workspace"
+
+
+def start_training_run(params, dataset_digest, run_id=None):
+    """Open the MLflow run for one training (or reopen `run_id` when resuming); logs params.
+
+    Use as a context manager: `with start_training_run(...) as run:`.
+    """
+    experiment_id = setup(params["mlflow"]["experiment"])
+    if run_id:
+        return mlflow.start_run(run_id=run_id)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(), tags=run_tags(dataset_digest))
+    mlflow.log_params(flatten(params))
+    return run
+
+
+def log_epoch(row):
+    """Per-epoch metrics of the active run, step = epoch."""
+    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+
+def finish_training(metrics):
+    """Summary metrics of the active run once training ends."""
+    mlflow.log_metrics(metrics)
+
+
+def log_evaluation(params, run_id, metrics):
+    """The evaluate stage's metrics, into the training's run."""
+    setup(params["mlflow"]["experiment"])
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -7,7 +7,6 @@ import math
 import time
 from pathlib import Path
 
-import mlflow
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -15,13 +14,13 @@ from tqdm import tqdm
 from src import tracking
 from src.checkpoint import save_checkpoint
 from src.classes import load_class_names, read_manifest
-from src.common import read_json, run_stage, write_json, write_text
-from src.data import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, default_workers, eval_transform,
+from src.common import UserError, read_json, run_stage, write_json, write_text
+from src.data import (ImageListDataset, default_workers, eval_transform,
                       make_loader, resize_size, rows_for, train_transform)
 from src.device import autocast, pick_device, pick_precision, use_channels_last
 from src.inference import predict_logits
-from src.networks import build_model
-from src.params import flatten, load_params
+from src.networks import create_model, preprocessing
+from src.params import load_params
 
 MODEL_PATH = Path("models/model.pt")
 METRICS_PATH = Path("metrics/train.json")
@@ -30,7 +29,7 @@ DATA_REPORT = Path("metrics/data_report.json")
 CACHE_LIMIT = 20_000  # cache decoded images in memory below this many (train.cache_images=auto)
 
 
-def load_data(params, class_names):
+def load_data(params, class_names, norm):
     data, cfg = params["data"], params["train"]
     rows = read_manifest()
     train_paths, train_labels = rows_for(rows, "train", class_names)
@@ -40,8 +39,9 @@ def load_data(params, class_names):
         cache = len(train_paths) + len(val_paths) <= CACHE_LIMIT
     side = resize_size(data["image_size"])
     train_set = ImageListDataset(train_paths, train_labels, train_transform(
-        data["image_size"], cfg["crop_scale"], cfg["hflip"], IMAGENET_MEAN, IMAGENET_STD), cache, side)
-    val_set = ImageListDataset(val_paths, val_labels, eval_transform(data["image_size"]), cache, side)
+        data["image_size"], cfg["crop_scale"], cfg["hflip"], norm["mean"], norm["std"]), cache, side)
+    val_set = ImageListDataset(val_paths, val_labels, eval_transform(data["image_size"], norm["mean"], norm["std"]),
+                               cache, side)
     workers = cfg["workers"] if cfg["workers"] != "auto" else (0 if cache else default_workers())
     return train_set, val_set, workers
 
@@ -91,6 +91,9 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_
         with autocast(device, amp_dtype):
             logits = model(images)
             loss = criterion(logits, labels)
+        if not torch.isfinite(loss):
+            raise UserError(f"training diverged: loss is {loss.item()} at epoch {epoch}; lower train.lr, "
+                            f"or set train.precision=fp32 if it happens under bf16/fp16")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -115,15 +118,15 @@ def main():
     torch.manual_seed(params["seed"])
     class_names = load_class_names()
     device = pick_device(cfg["device"])
-    amp_dtype = pick_precision(cfg["precision"], device)
-    channels_last = use_channels_last(cfg["channels_last"], device)
-    model = build_model(params["arch"], len(class_names)).to(device)
+    amp_dtype = pick_precision(cfg["precision"], device, params["data"]["image_size"])
+    channels_last = use_channels_last(cfg["channels_last"], device, params["data"]["image_size"])
+    model = create_model(params, len(class_names)).to(device)
+    norm = preprocessing(params)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    experiment_id = tracking.setup(params["mlflow"]["experiment"])
     data_report = read_json(DATA_REPORT)
-    train_set, val_set, workers = load_data(params, class_names)
+    train_set, val_set, workers = load_data(params, class_names, norm)
     pin = device.type == "cuda"
     generator = torch.Generator().manual_seed(params["seed"])
     train_loader = make_loader(train_set, cfg["batch_size"], shuffle=True, workers=workers, pin_memory=pin,
@@ -138,9 +141,8 @@ def main():
 
     history, best = [], {"val_acc": -1.0, "epoch": 0}
     started = time.time()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=tracking.run_name(),
-                          tags=tracking.run_tags(data_report["dataset_digest"])) as run:
-        mlflow.log_params(flatten(params))
+    # Opened before the first epoch so an unreachable tracking server fails fast.
+    with tracking.start_training_run(params, data_report["dataset_digest"]) as run:
         for epoch in range(1, cfg["epochs"] + 1):
             lr = optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device,
@@ -149,15 +151,15 @@ def main():
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "lr": lr}
             history.append(row)
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            tracking.log_epoch(row)
             print(f"epoch {epoch}/{cfg['epochs']}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                   f"val loss {val_loss:.4f} acc {val_acc:.4f}")
             if val_acc > best["val_acc"]:
                 best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}
                 save_checkpoint(MODEL_PATH, {
                     "arch": params["arch"], "num_classes": len(class_names), "class_names": class_names,
-                    "image_size": params["data"]["image_size"], "mean": list(IMAGENET_MEAN),
-                    "std": list(IMAGENET_STD), "epoch": epoch, "val_acc": val_acc, "params": params,
+                    "image_size": params["data"]["image_size"], "mean": norm["mean"],
+                    "std": norm["std"], "epoch": epoch, "val_acc": val_acc, "params": params,
                     "mlflow_run_id": run.info.run_id,
                     "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 })
@@ -165,7 +167,7 @@ def main():
         metrics = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"],
                    "final_train_acc": history[-1]["train_acc"], "epochs_run": len(history),
                    "train_seconds": round(seconds, 1)}
-        mlflow.log_metrics(metrics)
+        tracking.finish_training(metrics)
         write_json(METRICS_PATH, metrics)
         header = list(history[0])
         write_text(HISTORY_PATH, ",".join(header) + "\n" + "".join(

@@ -15,8 +15,8 @@ PROJECT_FILES = ["src", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "
 # Tiny settings: the whole pipeline in seconds on 2 cores.
 TINY = {
     "data.image_size": 16,
-    "train.epochs": 1,
-    "train.batch_size": 128,
+    "train.epochs": 2,
+    "train.batch_size": 64,
     "evaluate.batch_size": 256,
 }
 
