@@ -8,16 +8,26 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, not left black
 
 
+def skip_reason_for_name(path):
+    """Why a file is not even looked at because of its name, or None if it may be an image."""
+    if path.name.startswith(".") or path.name in ("Thumbs.db", "desktop.ini"):
+        return "hidden or system file (.DS_Store, ._name, Thumbs.db); ignored"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file extension ({path.suffix or 'none'}); ignored"
+    return None
+
+
 def is_image_name(path):
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return skip_reason_for_name(path) is None
 
 
 def to_rgb(img):
-    """Any Pillow mode (L, LA, P, RGBA, CMYK, I;16, F, ...) as 8-bit RGB."""
+    """Any Pillow mode (1, L, LA, P, PA, RGBA, CMYK, I;16, I, F, ...) as 8-bit RGB."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit or float grey: scale the full range into 0..255 instead of clipping to white.
+        # 16-bit, 32-bit or float grey: scale the full range into 0..255 instead of clipping to white.
         a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        top = a.max() if a.size else 0
+        hi = 65535.0 if img.mode.startswith("I;16") or top > 255 else 1.0 if img.mode == "F" and top <= 1 else 255.0
         img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -35,11 +45,15 @@ def open_rgb(path):
     `image_problem` turns that into a reason.
     """
     with warnings.catch_warnings():
-        # Pillow warns above ~89 Mpx and raises above twice that: treat both as "too large".
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Pillow warns above ~89 Mpx and refuses above ~179 Mpx (its decompression-bomb guard).
+        # 108 Mpx phone photos sit between the two, so only the refusal counts.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # a broken EXIF block must not cost a good picture: keep it unrotated
+                pass
             return to_rgb(img)
 
 
@@ -51,8 +65,8 @@ def image_problem(path):
         img = open_rgb(path)
         if img.width < 1 or img.height < 1:
             return "image has no pixels"
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        return f"too large to decode safely ({str(e).split('.')[0]})"
+    except Image.DecompressionBombError as e:
+        return f"too large to decode safely: {str(e).split(' could be')[0].rstrip(',')} (Pillow's decompression-bomb limit)"
     except Image.UnidentifiedImageError:
         return "not an image Pillow can read (wrong extension or unsupported format)"
     except OSError as e:

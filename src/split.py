@@ -1,28 +1,36 @@
 """Stage `split`: check every image once and write the train/val/test manifest.
 
 Each file in data/raw is decoded; the ones that can't be used are listed with the reason
-in metrics/data_report.json and left out. The split is stratified per class and seeded,
-and it depends only on file contents: a file's place is decided by a hash of (seed,
-content), so listing order, machine, and images added to other classes change nothing.
-Identical files always share a split (no leakage); identical files filed under two
-different classes are left out as ambiguous. A folder already split into train/ and val/
-(and optionally test/) keeps its split.
+in metrics/data_report.json and left out. Decoding results are cached by content hash
+(.dvc/tmp/image_checks.json), so rerunning the split, e.g. with other ratios, decodes nothing.
+
+The split is stratified per class and seeded, and it depends only on file contents: a file's
+place is decided by a hash of (seed, content), so listing order, machine, and images added to
+other classes change nothing. Identical files always share a split (no leakage); identical
+files filed under two different classes are left out as ambiguous. A folder already split into
+train/ and val/ (and optionally test/) keeps its split; without val/, val is taken from train/.
 """
 import csv
 import hashlib
 import io
+import json
+import os
+import unicodedata
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
+import PIL
+
 from src.common import UserError, run_stage, write_json, write_text
-from src.images import image_problem, is_image_name
+from src.images import image_problem, skip_reason_for_name
 from src.params import load_params
 
 RAW = Path("data/raw")
 MANIFEST = Path("data/manifest.csv")
 REPORT = Path("metrics/data_report.json")
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLITS = ("train", "val", "test")
 
 
 def file_digest(path):
@@ -33,95 +41,153 @@ def file_digest(path):
     return h.hexdigest()
 
 
-def inspect(path):
-    """(path, sha256, problem or None) for one file; runs in a worker process."""
-    if not is_image_name(path):
-        return path, None, "not an image file (by its name); ignored"
-    problem = image_problem(path)
-    return path, (file_digest(path) if problem is None else None), problem
+def hidden(name):
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def find_files(raw):
-    """[(path, class, split or None)] for every file under raw, and the layout's name."""
-    top = sorted(p for p in raw.iterdir())
-    top_dirs = [p for p in top if p.is_dir()]
-    presplit = bool(top_dirs) and {p.name.lower() for p in top_dirs} <= set(SPLIT_DIRS) and any(
-        p.name.lower() == "train" for p in top_dirs)
-    found, stray = [], [p for p in top if p.is_file()]
-    roots = [(d, SPLIT_DIRS[d.name.lower()]) for d in top_dirs] if presplit else [(raw, None)]
-    for root, split in roots:
-        for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            for f in sorted(p for p in class_dir.rglob("*") if p.is_file()):
-                found.append((f, class_dir.name, split))
-        stray += [p for p in root.iterdir() if p.is_file()] if split else []
-    return found, stray, ("pre-split" if presplit else "class folders")
+    """([(path, class, split or None)] of candidate images, [(path, reason)] of ignored files, layout)."""
+    top_dirs = [p.name for p in raw.iterdir() if p.is_dir() and not hidden(p.name)]
+    names = {SPLIT_DIRS.get(name.lower()) for name in top_dirs}
+    presplit = bool(top_dirs) and None not in names and "train" in names
+    found, ignored = [], []
+    for f in sorted(p for p in raw.rglob("*") if p.is_file()):
+        parts = f.relative_to(raw).parts
+        split = SPLIT_DIRS[parts[0].lower()] if presplit and len(parts) > 1 else None
+        inner = parts[1:] if split else parts  # class/[nested folders/]name
+        if any(hidden(part) for part in parts[:-1]):
+            reason = "inside a hidden folder; ignored"
+        elif len(inner) < 2:
+            reason = skip_reason_for_name(f) or "not inside a class folder; ignored"
+        else:
+            reason = skip_reason_for_name(f)
+        if reason:
+            ignored.append((f, reason))
+        else:  # one label per class whatever the filesystem's Unicode form (macOS writes NFD)
+            found.append((f, unicodedata.normalize("NFC", inner[0]), split))
+    return found, ignored, ("pre-split" if presplit else "class folders")
+
+
+def cache_path():
+    """Under the real project's .dvc/tmp (git-ignored scratch), also from a `dvc exp --temp` copy."""
+    root = Path(os.environ.get("DVC_ROOT") or ".")
+    return root / ".dvc" / "tmp" / "image_checks.json" if (root / ".dvc").is_dir() else None
+
+
+def load_cache(path):
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        return cached["problems"] if cached.get("pillow") == PIL.__version__ else {}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return {}  # absent or unreadable: everything is decoded again
+
+
+def check_images(paths):
+    """{path: (sha256, problem or None)}; each distinct content is decoded at most once, ever."""
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        digests = dict(zip(paths, pool.map(file_digest, paths)))  # hashing releases the GIL
+    cache = cache_path()
+    known = load_cache(cache) if cache else {}
+    todo = {}
+    for path, digest in digests.items():
+        if digest not in known:
+            todo.setdefault(digest, path)
+    if todo:
+        with ProcessPoolExecutor() as pool:
+            known.update(zip(todo, pool.map(image_problem, todo.values(), chunksize=16)))
+        if cache:
+            write_json(cache, {"pillow": PIL.__version__, "problems": known})
+    print(f"split: checked {len(paths)} images ({len(todo)} decoded, the rest known by content hash)")
+    return {p: (d, known[d]) for p, d in digests.items()}
 
 
 def rank(seed, digest):
     return hashlib.sha256(f"{seed}:{digest}".encode()).hexdigest()
 
 
-def split_class(name, digests, ratios, seed):
-    """Assign each distinct content of one class to a split; returns {digest: split}."""
+def split_class(digests, ratios, seed):
+    """Assign each distinct content of one class to a split: {digest: split}, or None if too few."""
     ordered = sorted(set(digests), key=lambda d: rank(seed, d))
-    n = len(ordered)
-    counts = {s: (max(1, round(n * r)) if r > 0 else 0) for s, r in ratios.items()}
-    if n - counts["val"] - counts["test"] < 1:
-        raise UserError(
-            f"class '{name}' has {n} distinct images, too few for data.val={ratios['val']} and "
-            f"data.test={ratios['test']} (each non-zero split takes at least 1 per class); "
-            f"add images or lower the ratios")
+    counts = {s: (max(1, round(len(ordered) * r)) if r > 0 else 0) for s, r in ratios.items()}
+    if len(ordered) - counts["val"] - counts["test"] < 1:
+        return None
     n_test, n_val = counts["test"], counts["val"]
     return {d: ("test" if i < n_test else "val" if i < n_test + n_val else "train") for i, d in enumerate(ordered)}
 
 
+def assign(rows, ratios, seed):
+    """Set row['split'] for rows of any classes from their contents; refuse classes too small."""
+    by_class = defaultdict(list)
+    for r in rows:
+        by_class[r["label"]].append(r["sha256"])
+    assignment, too_small = {}, []
+    for name in sorted(by_class):
+        result = split_class(by_class[name], ratios, seed)
+        if result is None:
+            too_small.append(f"'{name}' ({len(set(by_class[name]))})")
+        else:
+            assignment.update(result)
+    if too_small:
+        need = 1 + sum(r > 0 for r in ratios.values())
+        raise UserError(
+            f"class {', '.join(too_small)} has too few distinct images for data.val={ratios['val']} and "
+            f"data.test={ratios['test']}: every non-zero split takes at least one image per class, so a class "
+            f"needs {need}; add images or lower the ratios (0 turns a split off)")
+    for r in rows:
+        r["split"] = assignment[r["sha256"]]
+
+
 def build_manifest(files, seed, ratios):
+    """(manifest rows, digests filed under several classes, rows moved to an earlier given split)."""
     by_digest_classes = defaultdict(set)
     for f in files:
         by_digest_classes[f["sha256"]].add(f["label"])
     conflicting = {d for d, classes in by_digest_classes.items() if len(classes) > 1}
     kept = [f for f in files if f["sha256"] not in conflicting]
-
-    if any(f["split"] for f in kept):  # pre-split: keep it; a copy already in an earlier split is dropped
-        order = {"train": 0, "val": 1, "test": 2}
+    moved = []
+    if any(f["split"] for f in kept):
+        # Pre-split: keep it, except that a copy of content already in an earlier split joins it.
         first_split = {}
-        for f in sorted(kept, key=lambda f: order[f["split"]]):
+        for f in sorted(kept, key=lambda f: SPLITS.index(f["split"])):
             first_split.setdefault(f["sha256"], f["split"])
         for f in kept:
-            f["split"] = first_split[f["sha256"]]
+            if f["split"] != first_split[f["sha256"]]:
+                moved.append(f"{f['path']} ({f['split']} -> {first_split[f['sha256']]})")
+                f["split"] = first_split[f["sha256"]]
+        missing = sorted({f["label"] for f in kept} - {f["label"] for f in kept if f["split"] == "train"})
+        if missing:
+            raise UserError(f"class(es) {missing} have no images under train/; a pre-split folder needs every "
+                            f"class in train/")
+        if not any(f["split"] == "val" for f in kept):  # train/ [test/] only: val comes out of train/
+            assign([f for f in kept if f["split"] == "train"], {"val": ratios["val"], "test": 0}, seed)
     else:
-        classes = defaultdict(list)
-        for f in kept:
-            classes[f["label"]].append(f["sha256"])
-        assignment = {}
-        for name, digests in classes.items():
-            assignment.update(split_class(name, digests, ratios, seed))
-        for f in kept:
-            f["split"] = assignment[f["sha256"]]
-    return kept, conflicting
+        assign(kept, ratios, seed)
+    return kept, conflicting, moved
 
 
 def main():
     params = load_params()
     if not RAW.is_dir():
         raise UserError(f"{RAW} not found: run `dvc repro ingest` first")
-    found, stray, layout = find_files(RAW)
-    with ProcessPoolExecutor() as pool:
-        results = list(pool.map(inspect, [f for f, _, _ in found], chunksize=32))
-    skipped = [{"path": str(p), "reason": "not inside a class folder; ignored"} for p in stray]
+    found, ignored, layout = find_files(RAW)
+    checked = check_images([f for f, _, _ in found])
+    skipped = [{"path": p.as_posix(), "reason": reason} for p, reason in ignored]
     files = []
-    for (path, label, split), (_, digest, problem) in zip(found, results):
+    for path, label, split in found:
+        digest, problem = checked[path]
         if problem:
-            skipped.append({"path": str(path), "reason": problem})
+            skipped.append({"path": path.as_posix(), "reason": problem})
         else:
-            files.append({"path": str(path), "label": label, "split": split, "sha256": digest})
+            files.append({"path": path.as_posix(), "label": label, "split": split, "sha256": digest})
 
     ratios = {"val": params["data"]["val"], "test": params["data"]["test"]}
-    rows, conflicting = build_manifest(files, params["seed"], ratios)
+    labels = sorted({f["label"] for f in files})
+    if len(labels) < 2:
+        raise UserError(f"{RAW} holds {len(labels)} class(es) with usable images {labels}; a classifier needs at "
+                        f"least 2 class sub-folders of images (check data.source={params['data']['source']!r} "
+                        f"and the skipped files in {REPORT})")
+    rows, conflicting, moved = build_manifest(files, params["seed"], ratios)
     classes = sorted({r["label"] for r in rows})
-    if len(classes) < 2:
-        raise UserError(f"{RAW} holds {len(classes)} usable class(es) {classes}; a classifier needs at least 2 "
-                        f"class sub-folders of images (check data.source={params['data']['source']!r})")
     rows.sort(key=lambda r: (r["split"], r["label"], r["path"]))
 
     buf = io.StringIO()
@@ -133,18 +199,19 @@ def main():
     by_digest = defaultdict(list)
     for f in files:
         by_digest[f["sha256"]].append(f["path"])
-    per_class = {c: {s: 0 for s in ("train", "val", "test")} for c in classes}
+    per_class = {c: {s: 0 for s in SPLITS} for c in classes}
     for r in rows:
         per_class[r["label"]][r["split"]] += 1
     report = {
         "dataset_digest": hashlib.sha256(buf.getvalue().encode()).hexdigest(),
         "layout": layout,
         "num_classes": len(classes),
-        "images": {s: sum(1 for r in rows if r["split"] == s) for s in ("train", "val", "test")},
+        "images": {s: sum(1 for r in rows if r["split"] == s) for s in SPLITS},
         "per_class": per_class,
         "skipped": sorted(skipped, key=lambda s: s["path"]),
         "duplicates": sorted(sorted(paths) for paths in by_digest.values() if len(paths) > 1),
         "conflicting_labels": sorted(sorted(by_digest[d]) for d in conflicting),
+        "moved_to_earlier_split": sorted(moved),
     }
     write_json(REPORT, report)
     print(f"split: {report['images']} across {len(classes)} classes; {len(skipped)} files skipped "
