@@ -1,0 +1,146 @@
+"""Every data.source: folders, archives, URLs; unsafe archives and wrong checksums refused cleanly."""
+import functools
+import hashlib
+import http.server
+import io
+import shutil
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, env, python, run, set_params
+
+
+def stage(folder, module, overrides=None):
+    """Run `python -m src.<module>` in `folder` (params.yaml from the repo plus overrides), as DVC would."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "params.yaml").exists():
+        shutil.copy(REPO / "params.yaml", folder / "params.yaml")
+        (folder / ".dvc").mkdir()  # where split keeps its cache of image checks
+    set_params(folder, overrides or {})
+    return run([python(), "-m", f"src.{module}"], folder, check=False, env={**env(), "PYTHONPATH": str(REPO)})
+
+
+def one_line_error(result, *words):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    for w in words:
+        assert w in result.stderr, result.stderr
+
+
+def image_bytes(color, fmt="PNG"):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, fmt)
+    return buf.getvalue()
+
+
+TREE = {  # an archive's members: a single top folder, a nested folder, non-ASCII names, macOS debris
+    "photos/ants/a 1.png": image_bytes((200, 0, 0)),
+    "photos/ants/field/a2.png": image_bytes((190, 0, 0)),
+    "photos/abeilles été/b1.png": image_bytes((0, 0, 200)),
+    "photos/abeilles été/b2.png": image_bytes((0, 0, 190)),
+    "__MACOSX/photos/ants/._a 1.png": b"\0\5\26\7",
+}
+EXTRACTED = {"ants/a 1.png", "ants/field/a2.png", "abeilles été/b1.png", "abeilles été/b2.png"}
+
+
+def write_zip(path, members):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def write_tar(path, members, links=()):
+    with tarfile.open(path, "w:gz") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        for name, target in links:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            t.addfile(info)
+    return path
+
+
+def raw_files(folder):
+    raw = Path(folder) / "data/raw"
+    return {p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archive_is_extracted_and_unwrapped(tmp_path, kind):
+    archive = tmp_path / f"photos.{kind}"
+    (write_zip if kind == "zip" else write_tar)(archive, TREE)
+    result = stage(tmp_path / "p", "ingest", {"data.source": str(archive)})
+    assert result.returncode == 0, result.stderr
+    assert raw_files(tmp_path / "p") == EXTRACTED
+
+
+def test_unsafe_archives_are_refused_or_defused(tmp_path):
+    evil = write_zip(tmp_path / "evil.zip", {**TREE, "photos/../../escaped.png": b"x"})
+    one_line_error(stage(tmp_path / "p", "ingest", {"data.source": str(evil)}), "escaped.png", "unsafe")
+    evil_tar = write_tar(tmp_path / "evil.tar.gz", {**TREE, "../escaped.png": b"x"})
+    one_line_error(stage(tmp_path / "p", "ingest", {"data.source": str(evil_tar)}), "unsafe")
+    assert not (tmp_path / "p/data/raw").exists() and not list(tmp_path.rglob("escaped.png"))
+    links = write_tar(tmp_path / "links.tar.gz", TREE, links=[("photos/ants/passwd.png", "/etc/passwd"),
+                                                                ("photos/ants/up.png", "../../../x")])
+    assert stage(tmp_path / "p", "ingest", {"data.source": str(links)}).returncode == 0
+    assert raw_files(tmp_path / "p") == EXTRACTED  # links dropped, nothing outside touched
+
+
+def test_local_folder_is_mirrored_without_touching_the_originals(tmp_path):
+    source = tmp_path / "my photos"
+    for name, data in TREE.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(data)
+    result = stage(tmp_path / "p", "ingest", {"data.source": "../my photos/photos"})  # relative to the project
+    assert result.returncode == 0, result.stderr
+    assert raw_files(tmp_path / "p") == EXTRACTED
+    original, copy = source / "photos/ants/a 1.png", tmp_path / "p/data/raw/ants/a 1.png"
+    # Never a hard link: DVC write-protects (and, with link cache types, adopts) what it caches.
+    assert original.stat().st_ino != copy.stat().st_ino and original.read_bytes() == copy.read_bytes()
+
+
+def test_missing_source_is_one_line(tmp_path):
+    one_line_error(stage(tmp_path / "p", "ingest", {"data.source": "no/such/folder"}), "no/such/folder")
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A folder served on 127.0.0.1 by a real HTTP server in a thread; yields (folder, base URL)."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_source_is_downloaded_verified_and_extracted(tmp_path, http_folder):
+    www, base = http_folder
+    archive = write_tar(www / "photos.tar.gz", TREE)
+    good = hashlib.sha256(archive.read_bytes()).hexdigest()
+    url = f"{base}/photos.tar.gz"
+    project = tmp_path / "p"
+
+    one_line_error(stage(project, "ingest", {"data.source": url, "data.sha256": None}), "data.sha256")
+    one_line_error(stage(project, "ingest", {"data.source": url, "data.sha256": "0" * 64}), "sha256", good)
+    assert not (project / "data/raw").exists()
+    assert [p.name for p in (project / "data").iterdir()] == []  # no partial download left either
+    one_line_error(stage(project, "ingest", {"data.source": f"{base}/gone.zip", "data.sha256": good}),
+                   "download failed")
+
+    result = stage(project, "ingest", {"data.source": url, "data.sha256": good})
+    assert result.returncode == 0, result.stderr
+    assert raw_files(project) == EXTRACTED
+    assert [p.name for p in (project / "data").iterdir()] == ["raw"]
