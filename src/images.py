@@ -42,7 +42,7 @@ def open_rgb(path):
     """Decode the whole file, apply its EXIF rotation and return an RGB image.
 
     Raises an exception (of any kind Pillow throws) if the file is not a usable image;
-    `image_problem` turns that into a reason.
+    `check_image` turns that into a reason.
     """
     with warnings.catch_warnings():
         # Pillow warns above ~89 Mpx and refuses above ~179 Mpx (its decompression-bomb guard).
@@ -57,20 +57,28 @@ def open_rgb(path):
             return to_rgb(img)
 
 
-def image_problem(path):
-    """None if `path` decodes to a picture, else a short reason why it can't be used."""
+def check_image(path):
+    """(None, format such as 'JPEG') if `path` decodes to a picture, else (a short reason, None)."""
     try:
         if path.stat().st_size == 0:
-            return "empty file (0 bytes)"
+            return "empty file (0 bytes)", None
+        with Image.open(path) as probe:  # the header only: the format name
+            fmt = probe.format
         img = open_rgb(path)
         if img.width < 1 or img.height < 1:
-            return "image has no pixels"
+            return "image has no pixels", None
     except Image.DecompressionBombError as e:
-        return f"too large to decode safely: {str(e).split(' could be')[0].rstrip(',')} (Pillow's decompression-bomb limit)"
+        size = str(e).split(" could be")[0].rstrip(",")
+        return f"too large to decode safely: {size} (Pillow's decompression-bomb limit)", None
     except Image.UnidentifiedImageError:
-        return "not an image Pillow can read (wrong extension or unsupported format)"
+        return "not an image Pillow can read (wrong extension or unsupported format)", None
     except OSError as e:
-        return f"corrupt or truncated image ({e})"
+        return f"corrupt or truncated image ({e})", None
     except Exception as e:  # Pillow raises many kinds for broken files
-        return f"cannot decode image ({type(e).__name__}: {e})"
-    return None
+        return f"cannot decode image ({type(e).__name__}: {e})", None
+    return None, fmt
+
+
+def image_problem(path):
+    """None if `path` decodes to a picture, else a short reason why it can't be used."""
+    return check_image(path)[0]

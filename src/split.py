@@ -23,7 +23,7 @@ from pathlib import Path
 import PIL
 
 from src.common import UserError, run_stage, write_json, write_text
-from src.images import image_problem, skip_reason_for_name
+from src.images import check_image, skip_reason_for_name
 from src.params import load_params
 
 RAW = Path("data/raw")
@@ -31,6 +31,7 @@ MANIFEST = Path("data/manifest.csv")
 REPORT = Path("metrics/data_report.json")
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 SPLITS = ("train", "val", "test")
+RARE = 0.01  # a file format below this share of the images is listed in the report: worth a look
 
 
 def file_digest(path):
@@ -77,13 +78,13 @@ def cache_path():
 def load_cache(path):
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
-        return cached["problems"] if cached.get("pillow") == PIL.__version__ else {}
+        return cached["checks"] if cached.get("pillow") == PIL.__version__ else {}
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return {}  # absent or unreadable: everything is decoded again
 
 
 def check_images(paths):
-    """{path: (sha256, problem or None)}; each distinct content is decoded at most once, ever."""
+    """{path: (sha256, problem or None, format)}; each distinct content is decoded at most once, ever."""
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
         digests = dict(zip(paths, pool.map(file_digest, paths)))  # hashing releases the GIL
     cache = cache_path()
@@ -94,11 +95,11 @@ def check_images(paths):
             todo.setdefault(digest, path)
     if todo:
         with ProcessPoolExecutor() as pool:
-            known.update(zip(todo, pool.map(image_problem, todo.values(), chunksize=16)))
+            known.update(zip(todo, pool.map(check_image, todo.values(), chunksize=16)))
         if cache:
-            write_json(cache, {"pillow": PIL.__version__, "problems": known})
+            write_json(cache, {"pillow": PIL.__version__, "checks": known})
     print(f"split: checked {len(paths)} images ({len(todo)} decoded, the rest known by content hash)")
-    return {p: (d, known[d]) for p, d in digests.items()}
+    return {p: (d, *known[d]) for p, d in digests.items()}
 
 
 def rank(seed, digest):
@@ -172,13 +173,14 @@ def main():
     found, ignored, layout = find_files(RAW)
     checked = check_images([f for f, _, _ in found])
     skipped = [{"path": p.as_posix(), "reason": reason} for p, reason in ignored]
-    files = []
+    files, formats = [], {}
     for path, label, split in found:
-        digest, problem = checked[path]
+        digest, problem, fmt = checked[path]
         if problem:
             skipped.append({"path": path.as_posix(), "reason": problem})
         else:
             files.append({"path": path.as_posix(), "label": label, "split": split, "sha256": digest})
+            formats[path.as_posix()] = fmt
 
     ratios = {"val": params["data"]["val"], "test": params["data"]["test"]}
     labels = sorted({f["label"] for f in files})
@@ -199,6 +201,9 @@ def main():
     by_digest = defaultdict(list)
     for f in files:
         by_digest[f["sha256"]].append(f["path"])
+    format_counts = defaultdict(int)
+    for r in rows:
+        format_counts[formats[r["path"]]] += 1
     per_class = {c: {s: 0 for s in SPLITS} for c in classes}
     for r in rows:
         per_class[r["label"]][r["split"]] += 1
@@ -209,6 +214,9 @@ def main():
         "images": {s: sum(1 for r in rows if r["split"] == s) for s in SPLITS},
         "per_class": per_class,
         "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "formats": dict(sorted(format_counts.items())),
+        # e.g. the one GIF among JPEGs: often a "photo unavailable" placeholder saved by a scraper
+        "rare_format_files": [r["path"] for r in rows if format_counts[formats[r["path"]]] < RARE * len(rows)],
         "duplicates": sorted(sorted(paths) for paths in by_digest.values() if len(paths) > 1),
         "conflicting_labels": sorted(sorted(by_digest[d]) for d in conflicting),
         "moved_to_earlier_split": sorted(moved),

@@ -151,16 +151,20 @@ HYMENOPTERA = SHARED / "hymenoptera"
 
 @pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="no ../shared/datasets/hymenoptera here")
 def test_hymenoptera_keeps_its_split(tmp_path):
+    # predict.input: the default (the test split) is empty here, since the dataset has no test/.
     project = make_project(tmp_path / "project", {"data.source": str(HYMENOPTERA), "data.image_size": 64,
-                                                  "train.epochs": 1, "train.batch_size": 32})
+                                                  "train.epochs": 1, "train.batch_size": 32,
+                                                  "predict.input": "data/raw/val/ants"})
     run(["dvc", "repro"], project)
     rows = manifest(project)
     for r in rows:
         assert r["split"] == r["path"].split("/")[2], r  # data/raw/<split>/<class>/<file>
-    given = {p.relative_to(HYMENOPTERA).as_posix() for p in HYMENOPTERA.rglob("*.jpg")}
+    given = {p.relative_to(HYMENOPTERA).as_posix() for p in HYMENOPTERA.rglob("*") if p.is_file()}
     assert {r["path"].removeprefix("data/raw/") for r in rows} == given
     data = report(project)
     assert data["layout"] == "pre-split" and data["images"]["test"] == 0
-    assert [s["path"] for s in data["skipped"]] == ["data/raw/train/ants/imageNotFound.gif"]
+    # The placeholder GIF is a valid picture (so it is used), but the report points it out.
+    assert data["rare_format_files"] == ["data/raw/train/ants/imageNotFound.gif"]
+    assert data["formats"]["GIF"] == 1 and data["skipped"] == []
     assert json.loads((project / "data/class_indices.json").read_text()) == {"0": "ants", "1": "bees"}
     assert (project / "metrics/eval.json").exists()
