@@ -1,4 +1,5 @@
 """Opening any image file as an RGB picture, and saying why a file can't be used."""
+import hashlib
 import warnings
 
 import numpy as np
@@ -15,6 +16,15 @@ def skip_reason_for_name(path):
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return f"not an image file extension ({path.suffix or 'none'}); ignored"
     return None
+
+
+def file_digest(path):
+    """sha256 of a file's bytes: an image's identity (duplicates, splits, cached checks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def is_image_name(path):

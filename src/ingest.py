@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from src.common import UserError, run_stage
+from src.images import file_digest
 from src.params import load_params
 
 RAW = Path("data/raw")
@@ -69,14 +70,6 @@ def mirror_folder(src, dest):
         for name in sorted(files):
             if os.path.isfile(Path(root) / name):
                 clone_or_copy(Path(root) / name, dest / rel / name)
-
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_sha256(actual, expected, source):
@@ -176,7 +169,7 @@ def materialise(source, sha256, dest):
         mirror_folder(resolve(source), dest)
     elif resolve(source).is_file():
         if sha256:
-            check_sha256(sha256_of(resolve(source)), sha256, source)
+            check_sha256(file_digest(resolve(source)), sha256, source)
         extract(resolve(source), dest, source)
     else:
         raise UserError(f"data.source={source!r}: no such folder or archive; use `sample`, a folder holding "

@@ -23,7 +23,7 @@ from pathlib import Path
 import PIL
 
 from src.common import UserError, run_stage, write_json, write_text
-from src.images import check_image, skip_reason_for_name
+from src.images import check_image, file_digest, skip_reason_for_name
 from src.params import load_params
 
 RAW = Path("data/raw")
@@ -32,14 +32,6 @@ REPORT = Path("metrics/data_report.json")
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 SPLITS = ("train", "val", "test")
 RARE = 0.01  # a file format below this share of the images is listed in the report: worth a look
-
-
-def file_digest(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hidden(name):
