@@ -168,3 +168,14 @@ def test_hymenoptera_keeps_its_split(tmp_path):
     assert data["formats"]["GIF"] == 1 and data["skipped"] == []
     assert json.loads((project / "data/class_indices.json").read_text()) == {"0": "ants", "1": "bees"}
     assert (project / "metrics/eval.json").exists()
+
+
+def test_checkpoint_with_other_classes_is_refused(tmp_path):
+    from src.classes import check_same_classes
+    from src.common import UserError
+
+    index = tmp_path / "class_indices.json"
+    index.write_text(json.dumps({"0": "café crème", "1": "mouettes rieuses"}), encoding="utf-8")
+    check_same_classes(["café crème", "mouettes rieuses"], path=index)
+    with pytest.raises(UserError, match="retrain"):
+        check_same_classes(["mouettes rieuses", "café crème"], path=index)  # same names, other order
