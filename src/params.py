@@ -72,6 +72,7 @@ SCHEMA = {
         "pretrained": text,
         "transfer": choice("finetune", "freeze", "head_first"),
         "head_epochs": integer(0),
+        "freeze_bn": choice(True, False),
     },
     "train": {
         "epochs": integer(1),

@@ -19,7 +19,7 @@ from src.data import (ImageListDataset, default_workers, eval_transform,
                       make_loader, resize_size, rows_for, train_transform)
 from src.device import autocast, pick_device, pick_precision, use_channels_last
 from src.inference import predict_logits
-from src.networks import create_model, preprocessing
+from src.networks import create_model, preprocessing, set_transfer_phase
 from src.params import load_params
 
 MODEL_PATH = Path("models/model.pt")
@@ -48,9 +48,9 @@ def load_data(params, class_names, norm):
 
 def make_optimizer(model, cfg):
     decay, no_decay = [], []
+    # Frozen parameters are included too: head_first unfreezes them later, and optimizers
+    # skip parameters that got no gradient.
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
         (no_decay if p.ndim <= 1 and not cfg["decay_bn_and_bias"] else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
               {"params": no_decay, "weight_decay": 0.0}]
@@ -144,6 +144,7 @@ def main():
     # Opened before the first epoch so an unreachable tracking server fails fast.
     with tracking.start_training_run(params, data_report["dataset_digest"]) as run:
         for epoch in range(1, cfg["epochs"] + 1):
+            set_transfer_phase(model, params["model"], epoch)  # head_first: unfreeze after model.head_epochs
             lr = optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device,
                                                     amp_dtype, channels_last, cfg["grad_clip"], epoch)

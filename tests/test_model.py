@@ -1,0 +1,85 @@
+"""src/model.py is torchvision's ResNet family, weight for weight; the registry and include_top."""
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from src.common import UserError
+from src.model import FAMILY
+from src.networks import build_model, head_module_name
+
+
+def randomize_bn(model, seed):
+    """Give every BatchNorm distinct statistics and affine weights: with the default ones
+    (mean 0, var 1, weight 1, bias 0) eval-mode BN is nearly the identity, and two BN
+    layers loaded into each other's places would go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.25)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", list(FAMILY))
+def test_family_equals_torchvision(arch):
+    torch.manual_seed(0)
+    ours, theirs = FAMILY[arch]().eval(), torchvision.models.get_model(arch, weights=None).eval()
+    assert n_params(ours) == n_params(theirs)
+    assert n_params(ours) == torchvision.models.get_model_weights(arch).DEFAULT.meta["num_params"]
+    # 48 px: small enough for the 100M-parameter archs, yet layer4 still sees a 2x2 map.
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # torchvision's weights into ours...
+        randomize_bn(theirs, seed=2)
+        ours.load_state_dict(theirs.state_dict(), strict=True)
+        expected = theirs(x)
+        assert expected.shape == (2, 1000) and expected.std() > 1e-3  # a non-trivial output to compare
+        assert (ours(x) - expected).abs().max().item() <= 1e-4
+        # ...and ours into torchvision's.
+        randomize_bn(ours, seed=3)
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+        expected = ours(x)
+        assert (theirs(x) - expected).abs().max().item() <= 1e-4
+
+
+def test_include_top_false_is_torchvisions_backbone():
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet50(weights=None).eval()
+    randomize_bn(theirs, seed=4)
+    backbone = build_model("resnet50", 10, include_top=False).eval()
+    state = {k: v for k, v in theirs.state_dict().items() if not k.startswith("fc.")}
+    backbone.load_state_dict(state, strict=True)
+    assert not any(isinstance(m, nn.Linear) for m in backbone.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = backbone(x)
+        t = theirs
+        expected = t.layer4(t.layer3(t.layer2(t.layer1(t.maxpool(t.relu(t.bn1(t.conv1(x))))))))
+    assert features.shape == (2, 2048, 2, 2)  # a feature map: 64 px / 32
+    assert (features - expected).abs().max().item() <= 1e-4
+
+
+def test_registry_arch_gets_a_head_for_our_classes():
+    model = build_model("efficientnet_b0", 7)
+    head = dict(model.named_modules())[head_module_name(model)]
+    assert head_module_name(model) == "classifier.1" and head.out_features == 7
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    assert head_module_name(build_model("resnext50_32x4d", 7)) == "fc"
+
+
+def test_unknown_arch_fails_with_one_line_listing_valid_names():
+    with pytest.raises(UserError) as e:
+        build_model("resnet19", 10)
+    message = str(e.value)
+    assert "\n" not in message and "'resnet19' is unknown" in message
+    for name in ("resnet18", "resnext101_64x4d", "wide_resnet101_2", "efficientnet_b0", "convnext_tiny"):
+        assert name in message
