@@ -123,3 +123,11 @@ def test_workers_creating_the_store_at_once_share_one_experiment(tmp_path):
     experiment = mlflow.get_experiment_by_name("race")
     assert experiment.experiment_id in ids
     assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
+
+
+def test_evaluation_of_weights_trained_elsewhere_is_skipped_with_a_note(workspace, capsys):
+    """e.g. `dvc pull`ed weights whose training run lives in another machine's store."""
+    params = load_params(REPO / "params.yaml")
+    tracking.log_evaluation(params, "0" * 32, {"test_accuracy": 1.0})
+    assert "not in" in capsys.readouterr().out
+    assert mlflow.search_runs(experiment_names=[params["mlflow"]["experiment"]], output_format="list") == []
