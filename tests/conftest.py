@@ -1,6 +1,7 @@
 """Shared test helpers: a throw-away copy of the project as its own git + DVC repo."""
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,10 @@ def write_image_folder(dest, classes=("circle", "square", "cross"), per_class=12
             pixels[:, :, c % 3] += 150  # a class colour under per-image noise: learnable, never duplicate
             Image.fromarray(pixels).save(folder / f"{name}_{i:02d}.png")
     return Path(dest)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 nothing listens on (for a test server, or for one that isn't there)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,8 @@ import mlflow
 import pytest
 import torch
 
-from conftest import env, make_project, run, write_image_folder
+from conftest import env, free_port, make_project, run, write_image_folder
+from src.inference import load_trained_model
 
 EXPERIMENTS = {"r18": "resnet18", "r34": "resnet34"}
 
@@ -110,17 +110,10 @@ def test_exp_apply_restores_weights_of_the_run_and_its_mlflow_model_predicts_ali
     artifacts = Path(logged.info.artifact_uri.removeprefix("file://"))
     assert (artifacts / "checkpoint/model.pt").read_bytes() == (queued / "models/model.pt").read_bytes()
     loaded = mlflow.pytorch.load_model(logged.data.tags["model_uri"])
-    from src.inference import load_trained_model
     reference, _ = load_trained_model(queued / "models/model.pt")
     batch = torch.randn(4, 3, ckpt["image_size"], ckpt["image_size"])
     with torch.inference_mode():
         assert torch.equal(loaded(batch).argmax(1), reference(batch).argmax(1))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_mlflow_server_on_the_store_lists_both_runs(queued):

@@ -1,7 +1,6 @@
 """src/tracking.py against a real SQLite MLflow store: what one training run records, the model
 logged to MLflow predicting like its checkpoint, concurrent store creation, an unreachable server."""
 import csv
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, env, write_image_folder
+from conftest import REPO, env, free_port, write_image_folder
 from src import tracking
 from src.checkpoint import save_checkpoint
 from src.common import UserError
@@ -30,12 +29,6 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored after; MLflow itself exports it
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     return tmp_path
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_training_run_records_everything_and_logged_model_predicts_like_checkpoint(workspace):
