@@ -46,6 +46,8 @@ def check_server(uri):
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT) as response:
             response.read()
+    except urllib.error.HTTPError:
+        return  # it answered (perhaps 401 from a proxy): reachable; MLflow's own calls say the rest
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", None) or e
         raise UserError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {reason}; "
