@@ -48,7 +48,7 @@ def main():
     write_text(CONFUSION_PATH, buf.getvalue())
 
     if ckpt.get("mlflow_run_id"):
-        tracking.log_evaluation(params, ckpt["mlflow_run_id"], metrics)
+        tracking.log_evaluation(params, ckpt["mlflow_run_id"], metrics, [CONFUSION_PATH])
     print(f"evaluate: {split} accuracy {accuracy:.4f} on {len(paths)} images -> {EVAL_PATH}")
 
 

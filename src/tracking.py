@@ -8,20 +8,50 @@ artifacts land in the same store that `mlflow ui` at the repo root shows.
 import fcntl
 import os
 import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 
+from src.common import UserError
 from src.params import flatten
+
+MANIFEST = Path("data/manifest.csv")
+HEALTH_TIMEOUT = 5  # seconds: an unreachable server should stop the stage at once, not after training
 
 
 def workspace_root():
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
+def local_uri():
+    return f"sqlite:///{workspace_root() / 'mlflow.db'}"
+
+
 def tracking_uri():
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace_root() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_uri()
+
+
+def check_server(uri):
+    """Fail in seconds with one line when a configured tracking server doesn't answer.
+
+    MLflow's own client retries for minutes; by then a stage could have trained for nothing.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT) as response:
+            response.read()
+    except urllib.error.HTTPError:
+        return  # it answered (perhaps 401 from a proxy): reachable; MLflow's own calls say the rest
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {reason}; "
+                        f"start it, or unset MLFLOW_TRACKING_URI to log into the local mlflow.db") from None
 
 
 @contextmanager
@@ -38,12 +68,15 @@ def store_lock():
 
 def setup(experiment_name):
     """Point MLflow at the store and make sure the project's experiment exists; returns its id."""
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    check_server(uri)
+    mlflow.set_tracking_uri(uri)
     with store_lock():
         experiment = mlflow.get_experiment_by_name(experiment_name)
         if experiment is None:
             location = None
-            if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # Compared, not read from the environment: set_tracking_uri() exports MLFLOW_TRACKING_URI.
+            if uri == local_uri():
                 location = (workspace_root() / "mlartifacts").as_uri()
             experiment_id = mlflow.create_experiment(experiment_name, artifact_location=location)
         else:
@@ -73,6 +106,23 @@ def run_name():
     return os.environ.get("DVC_EXP_NAME") or "workspace"
 
 
+def log_dataset(source, dataset_digest):
+    """The split manifest as the run's input dataset: name, digest and where the images came from."""
+    if not MANIFEST.is_file():
+        return
+    import pandas as pd
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # "sample" is no path or URL; MLflow warns, then records it as given
+        warnings.simplefilter("ignore")
+        resolved = resolve_dataset_source(source)
+    name = Path(source.rstrip("/")).name or source
+    # MLflow caps a dataset digest at 36 characters; the full sha256 is the run's dataset_digest tag.
+    dataset = mlflow.data.from_pandas(pd.read_csv(MANIFEST), source=resolved, name=name,
+                                      digest=dataset_digest[:36] if dataset_digest else None)
+    mlflow.log_input(dataset, context="training")
+
+
 def start_training_run(params, dataset_digest, run_id=None):
     """Open the MLflow run for one training (or reopen `run_id` when resuming); logs params.
 
@@ -83,6 +133,7 @@ def start_training_run(params, dataset_digest, run_id=None):
         return mlflow.start_run(run_id=run_id)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(), tags=run_tags(dataset_digest))
     mlflow.log_params(flatten(params))
+    log_dataset(params["data"]["source"], dataset_digest)
     return run
 
 
@@ -91,13 +142,86 @@ def log_epoch(row):
     mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
 
-def finish_training(metrics):
-    """Summary metrics of the active run once training ends."""
+def log_files(paths, artifact_path=None):
+    """Log each file that exists (a stage may not have written an optional one)."""
+    for path in paths:
+        if Path(path).is_file():
+            mlflow.log_artifact(str(path), artifact_path)
+
+
+def curves_png(history, path):
+    """Loss and accuracy per epoch, the training-curves picture the MLflow UI shows beside the run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, what in zip(axes, ("loss", "acc")):
+        for split in ("train", "val"):
+            ax.plot(epochs, [r[f"{split}_{what}"] for r in history], marker="o", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_title("accuracy" if what == "acc" else what)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def log_model(checkpoint, registered_name=None):
+    """The checkpoint's network as an MLflow PyTorch model; returns its URI (also tagged `model_uri`).
+
+    Built from the saved checkpoint, so the logged model is exactly the best epoch's weights. Saved
+    as an exported graph (pt2), not a pickle: loading it runs no code and needs no copy of src/.
+    """
+    import numpy as np
+    import torch
+    import torchvision
+    from mlflow.models import infer_signature
+
+    from src.inference import load_trained_model
+
+    model, ckpt = load_trained_model(checkpoint)
+    size = ckpt["image_size"]
+    # A normalised NCHW image batch; two images, because torch.export fixes a batch size of 1.
+    example = np.zeros((2, 3, size, size), dtype=np.float32)
+    with torch.inference_mode():
+        output = model(torch.from_numpy(example)).numpy()
+    info = mlflow.pytorch.log_model(
+        model, name="model", signature=infer_signature(example, output), input_example=example,
+        serialization_format="pt2", registered_model_name=registered_name,
+        # Given explicitly: inferring them loads the model again in a subprocess.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                          f"torchvision=={torchvision.__version__.split('+')[0]}",
+                          f"mlflow=={mlflow.__version__}"])
+    mlflow.set_tag("model_uri", info.model_uri)
+    return info.model_uri
+
+
+def finish_training(metrics, history=(), checkpoint=None, artifacts=(), register_model=None):
+    """Summary metrics, training curves, files and the model of the active run once training ends."""
     mlflow.log_metrics(metrics)
+    if history:
+        with tempfile.TemporaryDirectory() as tmp:
+            png = Path(tmp) / "training_curves.png"
+            curves_png(history, png)
+            mlflow.log_artifact(str(png), "plots")
+    log_files(artifacts)
+    if checkpoint and Path(checkpoint).is_file():
+        log_files([checkpoint], "checkpoint")
+        log_model(checkpoint, register_model)
 
 
-def log_evaluation(params, run_id, metrics):
-    """The evaluate stage's metrics, into the training's run."""
+def log_evaluation(params, run_id, metrics, artifacts=()):
+    """The evaluate stage's metrics and files (confusion matrix, ...), into the training's run."""
     setup(params["mlflow"]["experiment"])
+    try:
+        mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        # e.g. weights fetched with `dvc pull` into a clone whose store never saw their training
+        print(f"evaluate: MLflow run {run_id} is not in {tracking_uri()}; metrics not logged to MLflow")
+        return
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.log_metrics({k: v for k, v in flatten(metrics).items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        log_files(artifacts)

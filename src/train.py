@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from src import tracking
 from src.checkpoint import save_checkpoint
-from src.classes import load_class_names, read_manifest
+from src.classes import CLASS_INDEX, load_class_names, read_manifest
 from src.common import UserError, read_json, run_stage, write_json, write_text
 from src.data import (ImageListDataset, default_workers, eval_transform,
                       make_loader, resize_size, rows_for, train_transform)
@@ -168,7 +168,8 @@ def main():
         metrics = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"],
                    "final_train_acc": history[-1]["train_acc"], "epochs_run": len(history),
                    "train_seconds": round(seconds, 1)}
-        tracking.finish_training(metrics)
+        tracking.finish_training(metrics, history, MODEL_PATH, [CLASS_INDEX, DATA_REPORT],
+                                 params["mlflow"]["register_model"])
         write_json(METRICS_PATH, metrics)
         header = list(history[0])
         write_text(HISTORY_PATH, ",".join(header) + "\n" + "".join(

@@ -1,6 +1,7 @@
 """Shared test helpers: a throw-away copy of the project as its own git + DVC repo."""
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,29 @@ def project(tmp_path):
 
 def python():
     return sys.executable
+
+
+def write_image_folder(dest, classes=("circle", "square", "cross"), per_class=12, size=20, seed=0):
+    """A tiny photo-like dataset on disk: one sub-folder of distinct PNGs per class.
+
+    Much faster to train on than the digits sample, for tests where the numbers don't matter.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        folder = Path(dest) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 64, (size, size, 3), dtype=np.uint8)
+            pixels[:, :, c % 3] += 150  # a class colour under per-image noise: learnable, never duplicate
+            Image.fromarray(pixels).save(folder / f"{name}_{i:02d}.png")
+    return Path(dest)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 nothing listens on (for a test server, or for one that isn't there)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

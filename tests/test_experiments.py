@@ -1,0 +1,161 @@
+"""Queued experiments run two at a time land in the workspace's MLflow store with the numbers
+`dvc exp show` reports, and a `mlflow server` on that store serves them."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from conftest import env, free_port, make_project, run, write_image_folder
+from src.inference import load_trained_model
+
+EXPERIMENTS = {"r18": "resnet18", "r34": "resnet34"}
+
+
+def experiments_shown(project):
+    """{experiment name: its `dvc exp show --json` data} for every experiment of the baseline."""
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    found = {}
+    for rev in shown:
+        for exp in rev.get("experiments") or []:
+            for r in exp.get("revs", []):
+                data = r.get("data") or {}
+                name = data.get("name") or r.get("name") or exp.get("name")
+                found[name] = data
+    return found
+
+
+def wait_for_queue(project, names, timeout=900):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], project).stdout
+        if "Failed" in status:
+            failed = [n for n in names if any(n in line and "Failed" in line for line in status.splitlines())]
+            logs = [run(["dvc", "queue", "logs", n], project, check=False).stdout[-6000:] for n in failed]
+            raise AssertionError(f"a queued experiment failed:\n{status}\n" + "\n".join(logs))
+        lines = [line for line in status.splitlines() if any(n in line for n in names)]
+        if lines and all("Success" in line for line in lines) and len(lines) == len(names):
+            return
+        time.sleep(3)
+    raise AssertionError(f"queue still busy after {timeout}s:\n{status}")
+
+
+@pytest.fixture(scope="module")
+def queued(tmp_path_factory):
+    """A project whose two queued experiments ran with `dvc queue start -j 2`."""
+    root = tmp_path_factory.mktemp("queue")
+    images = write_image_folder(root / "images")
+    project = make_project(root / "project", {"data.source": str(images), "train.epochs": 1})
+    for name, arch in EXPERIMENTS.items():
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"arch={arch}"], project)
+    run(["dvc", "queue", "start", "-j", "2"], project)
+    try:
+        wait_for_queue(project, list(EXPERIMENTS))
+    finally:
+        run(["dvc", "queue", "stop", "--kill"], project, check=False)
+    return project
+
+
+def store_runs(project):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["resnet-transfer"], output_format="list")
+    return {r.info.run_name: r for r in runs}
+
+
+def test_queued_parallel_runs_land_in_workspace_store_with_dvc_numbers(queued):
+    shown = experiments_shown(queued)
+    runs = store_runs(queued)
+    assert set(runs) == set(EXPERIMENTS), runs.keys()
+    client = mlflow.MlflowClient()
+    baseline = run(["git", "rev-parse", "HEAD"], queued).stdout.strip()
+    for name, arch in EXPERIMENTS.items():
+        logged, data = runs[name], shown[name]
+        assert logged.data.params["arch"] == arch == data["params"]["params.yaml"]["data"]["arch"]
+        assert logged.data.params["train.epochs"] == "1"
+        assert logged.data.tags["dvc_exp_name"] == name
+        assert logged.data.tags["dvc_exp_baseline_rev"] == baseline
+        assert len(logged.data.tags["git_commit"]) == 40
+        assert len(logged.data.tags["dataset_digest"]) == 64
+        history = client.get_metric_history(logged.info.run_id, "val_acc")
+        assert [m.step for m in history] == [1]
+        # Every metric DVC shows for the experiment is in the MLflow run with the same value.
+        for path in ("metrics/train.json", "metrics/eval.json"):
+            dvc_metrics = data["metrics"][path]["data"]
+            assert dvc_metrics, path
+            for key, value in dvc_metrics.items():
+                assert logged.data.metrics[key] == pytest.approx(value, rel=1e-12), (name, key)
+        assert "test_accuracy" in logged.data.metrics
+        # Artifacts on disk at the workspace root, not in the deleted temp copy.
+        artifacts = Path(logged.info.artifact_uri.removeprefix("file://"))
+        assert artifacts.is_relative_to(queued / "mlartifacts")
+        for rel in ("checkpoint/model.pt", "plots/training_curves.png", "class_indices.json",
+                    "data_report.json", "confusion.csv"):
+            assert (artifacts / rel).stat().st_size > 0, rel
+    assert runs["r18"].data.tags["dataset_digest"] == runs["r34"].data.tags["dataset_digest"]  # same images
+    assert not list((queued / ".dvc/tmp/exps").glob("*/mlflow.db"))
+
+
+def test_exp_apply_restores_weights_of_the_run_and_its_mlflow_model_predicts_alike(queued):
+    run(["dvc", "exp", "apply", "r34"], queued)
+    ckpt = torch.load(queued / "models/model.pt", weights_only=True)
+    logged = store_runs(queued)["r34"]
+    assert ckpt["arch"] == "resnet34" and ckpt["mlflow_run_id"] == logged.info.run_id
+    artifacts = Path(logged.info.artifact_uri.removeprefix("file://"))
+    assert (artifacts / "checkpoint/model.pt").read_bytes() == (queued / "models/model.pt").read_bytes()
+    loaded = mlflow.pytorch.load_model(logged.data.tags["model_uri"])
+    reference, _ = load_trained_model(queued / "models/model.pt")
+    batch = torch.randn(4, 3, ckpt["image_size"], ckpt["image_size"])
+    with torch.inference_mode():
+        assert torch.equal(loaded(batch).argmax(1), reference(batch).argmax(1))
+
+
+def test_mlflow_server_on_the_store_lists_both_runs(queued):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{queued / 'mlflow.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=queued, env={**env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, f"mlflow server exited: {server.stderr.read().decode()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "mlflow server did not answer /health"
+            time.sleep(1)
+
+        def api(endpoint, body=None):
+            request = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}", method="POST" if body else "GET",
+                                             data=json.dumps(body).encode() if body else None,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return json.load(r)
+
+        experiment = api("experiments/get-by-name?experiment_name=resnet-transfer")["experiment"]
+        found = api("runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+        by_name = {r["info"]["run_name"]: r for r in found}
+        assert set(by_name) == set(EXPERIMENTS)
+        for name, arch in EXPERIMENTS.items():
+            params = {p["key"]: p["value"] for p in by_name[name]["data"]["params"]}
+            metrics = {m["key"] for m in by_name[name]["data"]["metrics"]}
+            assert params["arch"] == arch and {"val_acc", "test_accuracy"} <= metrics
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -1,0 +1,130 @@
+"""src/tracking.py against a real SQLite MLflow store: what one training run records, the model
+logged to MLflow predicting like its checkpoint, concurrent store creation, an unreachable server."""
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, env, free_port, write_image_folder
+from src import tracking
+from src.checkpoint import save_checkpoint
+from src.common import UserError
+from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from src.inference import load_trained_model
+from src.networks import build_model
+from src.params import flatten, load_params
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """An empty workspace as the stages see it: cwd = DVC_ROOT = tmp_path, no tracking server."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored after; MLflow itself exports it
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    return tmp_path
+
+
+def test_training_run_records_everything_and_logged_model_predicts_like_checkpoint(workspace):
+    params = load_params(REPO / "params.yaml")
+    images = sorted(write_image_folder(workspace / "images", per_class=3).rglob("*.png"))
+    Path("data").mkdir()
+    with open(tracking.MANIFEST, "w", newline="") as f:  # the split stage's manifest format
+        csv.writer(f).writerows([["path", "label", "split", "sha256"]] +
+                                [[str(p), p.parent.name, "train", "0" * 64] for p in images])
+    Path("data/class_indices.json").write_text('{"0": "circle", "1": "cross", "2": "square"}')
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3)
+    save_checkpoint("models/model.pt", {
+        "arch": "resnet18", "num_classes": 3, "class_names": ["circle", "cross", "square"], "image_size": 16,
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "model": model.state_dict()})
+    history = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.3 * e, "val_loss": 1.1 / e, "val_acc": 0.25 * e,
+                "lr": 0.01} for e in (1, 2)]
+    digest = "ab" * 32
+
+    with tracking.start_training_run(params, digest) as run:
+        for row in history:
+            tracking.log_epoch(row)
+        tracking.finish_training({"best_val_acc": 0.5}, history, "models/model.pt", ["data/class_indices.json"],
+                                 register_model="digits-classifier")
+    tracking.log_evaluation(params, run.info.run_id, {"test_accuracy": 0.75, "per_class": {"cross": 1.0}},
+                            ["models/model.pt.missing", "data/class_indices.json"])
+
+    client = mlflow.MlflowClient()
+    logged = client.get_run(run.info.run_id)
+    assert logged.info.run_name == "workspace"
+    expected_params = {k: str(v) for k, v in flatten(params).items()}
+    assert logged.data.params == expected_params
+    assert logged.data.tags["dataset_digest"] == digest
+    assert logged.data.metrics["test_accuracy"] == 0.75 and logged.data.metrics["per_class.cross"] == 1.0
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_acc")] == [(1, 0.25), (2, 0.5)]
+    dataset = logged.inputs.dataset_inputs[0].dataset
+    assert dataset.name == params["data"]["source"] and dataset.digest == digest[:36]
+
+    # Artifacts live at the workspace root, as files.
+    artifacts = Path(logged.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(workspace / "mlartifacts")
+    assert (artifacts / "checkpoint/model.pt").read_bytes() == Path("models/model.pt").read_bytes()
+    assert (artifacts / "plots/training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (artifacts / "class_indices.json").is_file()
+
+    versions = client.search_model_versions("name='digits-classifier'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+
+    # The MLflow model, loaded back, predicts what the checkpoint predicts on the same image files.
+    loaded = mlflow.pytorch.load_model(logged.data.tags["model_uri"])
+    reference, ckpt = load_trained_model("models/model.pt")
+    transform = eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"])
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
+    with torch.inference_mode():
+        expected, got = reference(batch), loaded(batch)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_unreachable_tracking_server_fails_at_once_with_one_line(workspace, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(UserError, match="unreachable") as error:
+        tracking.start_training_run(params, "digest")
+    assert "\n" not in str(error.value) and "MLFLOW_TRACKING_URI" in str(error.value)
+    with pytest.raises(UserError, match="unreachable"):
+        tracking.log_evaluation(params, "0" * 32, {"test_accuracy": 1.0})
+    assert not (workspace / "mlflow.db").exists()
+
+
+SETUP_AT = """
+import sys, time
+from src import tracking
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))  # all processes reach the fresh store together
+print(tracking.setup("race"))
+"""
+
+
+def test_workers_creating_the_store_at_once_share_one_experiment(tmp_path):
+    """What two `dvc queue start -j 2` workers do on their first run: no migration race, one experiment."""
+    start = str(time.time() + 10)
+    procs = [subprocess.Popen([sys.executable, "-c", SETUP_AT, start], cwd=REPO, env={**env(), "DVC_ROOT": str(tmp_path)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+    assert all(code == 0 for _, _, code in results), results
+    ids = {out.strip().splitlines()[-1] for out, _, _ in results}
+    assert len(ids) == 1
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("race")
+    assert experiment.experiment_id in ids
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
+
+
+def test_evaluation_of_weights_trained_elsewhere_is_skipped_with_a_note(workspace, capsys):
+    """e.g. `dvc pull`ed weights whose training run lives in another machine's store."""
+    params = load_params(REPO / "params.yaml")
+    tracking.log_evaluation(params, "0" * 32, {"test_accuracy": 1.0})
+    assert "not in" in capsys.readouterr().out
+    assert mlflow.search_runs(experiment_names=[params["mlflow"]["experiment"]], output_format="list") == []
