@@ -1,55 +1,160 @@
-"""Stage `evaluate`: accuracy and confusion matrix of the trained model on the test split.
+"""Stage `evaluate`: where the trained model succeeds and fails, on the test split.
 
-Writes metrics/eval.json and metrics/confusion.csv (a `dvc plots` confusion matrix), and
-logs the metrics into the training's MLflow run.
+Writes
+  metrics/eval.json         flat metrics for `dvc metrics diff`: accuracy (top-1, top-5 with
+                            more than 5 classes), loss, calibration error, macro and weighted
+                            precision/recall/F1, and per class "f1/<class>", ...
+  metrics/confusion.csv     one row per image (path, actual, predicted): the DVC confusion plot
+  metrics/confusion.png     the confusion matrix with class names and counts
+  metrics/misclassified.png the most confidently wrong images, with true and predicted labels
+and logs the metrics into the training's MLflow run.
 """
-import io
 import csv
+import io
+import re
 from pathlib import Path
 
+import matplotlib
+import numpy as np
 import torch
 
 from src import tracking
-from src.classes import read_manifest
+from src.classes import check_same_classes, read_manifest
 from src.common import UserError, run_stage, write_json, write_text
-from src.data import ImageListDataset, eval_transform, make_loader, rows_for
+from src.data import rows_for
 from src.device import pick_device
-from src.inference import load_trained_model, predict_logits
+from src.figures import confusion_figure, image_grid, save_figure
+from src.inference import classify_files, load_trained_model
 from src.params import load_params
 
 MODEL_PATH = Path("models/model.pt")
 EVAL_PATH = Path("metrics/eval.json")
 CONFUSION_PATH = Path("metrics/confusion.csv")
+CONFUSION_PNG = Path("metrics/confusion.png")
+MISCLASSIFIED_PNG = Path("metrics/misclassified.png")
+
+
+def confusion_matrix(y_true, y_pred, n_classes):
+    """cm[actual, predicted] = count."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def ratio(a, b):
+    """a / b elementwise, 0 where b is 0 (scikit-learn's zero_division=0)."""
+    return np.divide(a, b, out=np.zeros(len(a)), where=b > 0)
+
+
+def expected_calibration_error(confidence, correct, bins):
+    """Sum over equal-width confidence bins of (bin share) * |accuracy - mean confidence|:
+    0 when the model is exactly as sure as it is right (Guo et al., 2017)."""
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)  # bin b holds (b/bins, (b+1)/bins]
+    ece = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def classification_metrics(y_true, logits, class_names, bins):
+    """The flat eval.json dict from labels and logits (float64 for exact averages)."""
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    log_probs = torch.log_softmax(logits, 1)
+    probs = log_probs.exp().numpy()
+    n, n_classes = probs.shape
+    y_pred = probs.argmax(1)
+    cm = confusion_matrix(y_true, y_pred, n_classes)
+    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    per_class = {"precision": ratio(tp, predicted), "recall": ratio(tp, support)}
+    p, r = per_class["precision"], per_class["recall"]
+    per_class["f1"] = ratio(2 * p * r, p + r)
+
+    metrics = {"test_images": int(n), "test_accuracy": float(tp.sum() / n)}
+    if n_classes > 5:
+        top5 = np.argsort(-probs, axis=1)[:, :5]
+        metrics["test_top5_accuracy"] = float((top5 == y_true[:, None]).any(1).mean())
+    metrics["test_loss"] = float(-log_probs[torch.arange(n), torch.as_tensor(y_true)].mean())
+    metrics["ece"] = expected_calibration_error(probs.max(1), y_pred == y_true, bins)
+    for name, values in per_class.items():
+        metrics[f"macro_{name}"] = float(values.mean())
+        metrics[f"weighted_{name}"] = float((values * support).sum() / n)
+    # "f1/daisy": flat keys, so `dvc metrics diff` lists each class's change on its own line.
+    for i, cls in enumerate(class_names):
+        for name, values in per_class.items():
+            metrics[f"{name}/{cls}"] = float(values[i])
+        metrics[f"support/{cls}"] = int(support[i])
+    return metrics, cm, probs
+
+
+def confidently_wrong(paths, y_true, probs, limit):
+    """Indices of wrong predictions, most confident first."""
+    y_pred = probs.argmax(1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    return wrong[np.argsort(-probs[wrong, y_pred[wrong]], kind="stable")][:limit]
+
+
+def mlflow_name(key):
+    """MLflow allows letters, digits, _ - . / and spaces in metric names; class names may hold more."""
+    return re.sub(r"[^\w\-./ ]", "_", key)
+
+
+def per_class_report(metrics, class_names, worst=10):
+    lines = [f"{'class':>20}  precision  recall     f1  support   (lowest f1 first)"]
+    for cls in sorted(class_names, key=lambda c: metrics[f"f1/{c}"])[:worst]:
+        lines.append(f"{cls[:20]:>20}  {metrics[f'precision/{cls}']:9.3f}  {metrics[f'recall/{cls}']:6.3f}  "
+                     f"{metrics[f'f1/{cls}']:5.3f}  {metrics[f'support/{cls}']:7d}")
+    return "\n".join(lines)
 
 
 def main():
+    matplotlib.use("Agg")  # files only: a stage never opens a window
     params = load_params()
+    cfg = params["evaluate"]
     device = pick_device(params["train"]["device"])
     model, ckpt = load_trained_model(MODEL_PATH, device)
     class_names = ckpt["class_names"]
+    check_same_classes(class_names)
     rows = read_manifest()
     split = "test" if any(r["split"] == "test" for r in rows) else "val"
     paths, labels = rows_for(rows, split, class_names)
     if not paths:
         raise UserError("the manifest has no test or val images to evaluate on; set data.test > 0")
-    dataset = ImageListDataset(paths, labels, eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"]))
-    loader = make_loader(dataset, params["evaluate"]["batch_size"])
-    logits, targets = predict_logits(model, loader, device)
-    predicted = logits.argmax(1)
-    accuracy = (predicted == targets).float().mean().item()
-
-    metrics = {"test_images": len(paths), "test_accuracy": accuracy}
+    logits, errors = classify_files(model, ckpt, paths, device, cfg["batch_size"], cfg["precision"],
+                                    cfg["workers"], desc="evaluate")
+    bad = [(p, e) for p, e in zip(paths, errors) if e]
+    if bad:
+        raise UserError(f"{bad[0][0]}: {bad[0][1]} ({len(bad)} unreadable {split} images); "
+                        f"fix or remove them and rerun `dvc repro`")
+    y_true = np.asarray(labels)
+    metrics, cm, probs = classification_metrics(y_true, logits, class_names, cfg["calibration_bins"])
     write_json(EVAL_PATH, metrics)
+
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["path", "actual", "predicted"])
-    for path, t, p in zip(paths, targets.tolist(), predicted.tolist()):
+    for path, t, p in zip(paths, labels, probs.argmax(1)):
         writer.writerow([path, class_names[t], class_names[p]])
     write_text(CONFUSION_PATH, buf.getvalue())
 
+    save_figure(confusion_figure(cm, class_names, f"{split} split: {len(paths)} images, "
+                                 f"accuracy {metrics['test_accuracy']:.3f}"), CONFUSION_PNG)
+    worst = confidently_wrong(paths, y_true, probs, cfg["misclassified_images"])
+    titles = [f"{Path(paths[i]).name}\ntrue: {class_names[y_true[i]]}\npredicted: {class_names[probs[i].argmax()]} "
+              f"({probs[i].max():.0%})" for i in worst]
+    n_wrong = int((probs.argmax(1) != y_true).sum())
+    save_figure(image_grid([paths[i] for i in worst], titles, title_colors=["firebrick"] * len(worst),
+                           title=f"Most confidently wrong: {len(worst)} of {n_wrong} mistakes on {len(paths)} "
+                                 f"{split} images"), MISCLASSIFIED_PNG)
+
     if ckpt.get("mlflow_run_id"):
-        tracking.log_evaluation(params, ckpt["mlflow_run_id"], metrics, [CONFUSION_PATH])
-    print(f"evaluate: {split} accuracy {accuracy:.4f} on {len(paths)} images -> {EVAL_PATH}")
+        tracking.log_evaluation(params, ckpt["mlflow_run_id"], {mlflow_name(k): v for k, v in metrics.items()},
+                                artifacts=[CONFUSION_PATH, CONFUSION_PNG, MISCLASSIFIED_PNG])
+    print(per_class_report(metrics, class_names))
+    top5 = f", top-5 {metrics['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in metrics else ""
+    print(f"evaluate: {split} accuracy {metrics['test_accuracy']:.4f}{top5}, macro F1 {metrics['macro_f1']:.4f}, "
+          f"ECE {metrics['ece']:.4f} on {len(paths)} images -> {EVAL_PATH}, {CONFUSION_PNG}, {MISCLASSIFIED_PNG}")
 
 
 if __name__ == "__main__":

@@ -101,11 +101,17 @@ SCHEMA = {
     },
     "evaluate": {
         "batch_size": integer(1),
+        "precision": choice("auto", "fp32", "bf16"),
+        "workers": either(choice("auto"), integer(0)),
+        "calibration_bins": integer(1),
+        "misclassified_images": integer(0),
     },
     "predict": {
         "input": text,
         "top_k": integer(1),
         "batch_size": integer(1),
+        "precision": choice("auto", "fp32", "bf16"),
+        "workers": either(choice("auto"), integer(0)),
     },
     "mlflow": {
         "experiment": text,

@@ -1,70 +1,169 @@
 """Stage `predict` (and a command line): classify images with the trained model.
 
-    python -m src.predict                 # predict.input from params.yaml (default: the test split)
-    python -m src.predict photo.jpg dir/  # any files, folders or globs
+    python -m src.predict                          # the stage: predict.input (default: the test split)
+                                                   #   -> data/predictions.csv
+    python -m src.predict photo.jpg dir/ 'shots/**/*.png'   # files, folders (recursive), globs -> stdout
+    python -m src.predict dir/ --output preds.json --top-k 5
+    python -m src.predict photo.jpg --picture      # the tutorial's plot: the image titled with its class
 
-Writes one CSV row per file: file, predicted class, probability.
+Everything about the model (arch, classes, image size, normalisation) comes from the
+checkpoint. Every file gets a row: its top-k classes with probabilities, or why it could
+not be read. Exit code 0 when every file was classified, 1 when any could not be (2 for a
+usage problem).
 """
 import argparse
 import csv
 import glob
 import io
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-from src.classes import read_manifest
+from src.classes import CLASS_INDEX, check_same_classes, read_manifest
 from src.common import UserError, run_stage, write_text
-from src.data import ImageListDataset, eval_transform, make_loader
 from src.device import pick_device
 from src.images import is_image_name
-from src.inference import load_trained_model, predict_logits
+from src.inference import classify_files, load_trained_model
 from src.params import load_params
 
 MODEL_PATH = Path("models/model.pt")
 OUTPUT_PATH = Path("data/predictions.csv")
+PICTURE_LIMIT = 16  # images drawn by --picture; more would be too small to see
 
 
 def expand_inputs(inputs):
+    """Files in order, without repeats. A folder gives its image files, recursively, and so
+    does a glob; a name that matches nothing stays in the list, so it gets an error row like
+    any unreadable file."""
     files = []
     for item in inputs:
         if item == "test":
             files += [Path(r["path"]) for r in read_manifest() if r["split"] == "test"]
             continue
-        matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))] or [Path(item)]
-        for m in matches:
-            if m.is_dir():
-                files += sorted(p for p in m.rglob("*") if p.is_file() and is_image_name(p))
-            elif m.is_file():
-                files.append(m)
-            else:
-                raise UserError(f"{item}: no such file, folder or glob match")
-    return files
+        matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))]
+        if not matches:
+            files.append(Path(item))
+        is_pattern = any(c in item for c in "*?[")
+        for match in matches:
+            if match.is_dir():
+                files += sorted(p for p in match.rglob("*") if p.is_file() and is_image_name(p))
+            elif not is_pattern or is_image_name(match):
+                files.append(match)
+    return list(dict.fromkeys(files))
+
+
+def result_rows(files, logits, errors, class_names, top_k):
+    """One dict per file: {file, top_k: [(class, probability), ...], error}."""
+    k = min(top_k, len(class_names))
+    top_p, top_i = torch.softmax(logits, 1).topk(k, dim=1)
+    return [{"file": str(f), "error": err or None,
+             "top_k": [] if err else [(class_names[i], p) for i, p in zip(idx.tolist(), prob.tolist())]}
+            for f, err, prob, idx in zip(files, errors, top_p, top_i)]
+
+
+def to_csv(rows, top_k):
+    """file, predicted, probability, class_2, probability_2, ..., error."""
+    header = ["file", "predicted", "probability"]
+    for rank in range(2, top_k + 1):
+        header += [f"class_{rank}", f"probability_{rank}"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header + ["error"])
+    for row in rows:
+        cells = [row["file"]]
+        for cls, p in row["top_k"]:
+            cells += [cls, f"{p:.6f}"]
+        cells += [""] * (len(header) - len(cells))
+        writer.writerow(cells + [row["error"] or ""])
+    return buf.getvalue()
+
+
+def to_json(rows):
+    out = []
+    for row in rows:
+        best = row["top_k"][0] if row["top_k"] else (None, None)
+        out.append({"file": row["file"], "predicted": best[0], "probability": best[1],
+                    "top_k": [{"class": c, "probability": p} for c, p in row["top_k"]], "error": row["error"]})
+    return json.dumps(out, indent=1, ensure_ascii=False) + "\n"
+
+
+def output_format(fmt, output):
+    if fmt:
+        return fmt
+    return "json" if output and Path(output).suffix.lower() == ".json" else "csv"
+
+
+def draw_picture(rows, destination):
+    """The tutorial's figure (plt.imshow + title) for each image, in a window when there is a
+    display, else into a PNG file. Returns where it went."""
+    from matplotlib import pyplot as plt
+    from src.figures import image_grid, save_figure
+    shown = [r for r in rows if not r["error"]][:PICTURE_LIMIT]
+    titles = [f"class: {r['top_k'][0][0]}   prob: {r['top_k'][0][1]:.3}" for r in shown]
+    fig = image_grid([r["file"] for r in shown], titles, columns=1 if len(shown) == 1 else 4)
+    if destination is None and plt.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo", "template"):
+        plt.show()
+        return "a window"
+    save_figure(fig, destination or "prediction.png")
+    return str(destination or "prediction.png")
+
+
+def parse_args(argv, params):
+    cfg = params["predict"]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="*", help=f"files, folders or globs (default: predict.input={cfg['input']})")
+    parser.add_argument("--model", default=str(MODEL_PATH), help="checkpoint (default: %(default)s)")
+    parser.add_argument("--output", "-o", help=f"CSV or JSON file; default {OUTPUT_PATH} for the stage, "
+                                               f"stdout when inputs are given")
+    parser.add_argument("--format", choices=["csv", "json"], help="default: from --output's extension, else csv")
+    parser.add_argument("--top-k", type=int, default=cfg["top_k"], help="classes per file (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=cfg["batch_size"], help="default: %(default)s")
+    parser.add_argument("--picture", nargs="?", const="", metavar="PNG",
+                        help="draw the images titled with their predictions: into PNG, or a window when "
+                             "there is a display, else prediction.png")
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        raise UserError("--top-k and --batch-size must be at least 1")
+    if args.output is None and not args.inputs:
+        args.output = str(OUTPUT_PATH if output_format(args.format, None) == "csv" else OUTPUT_PATH.with_suffix(".json"))
+    return args
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="*", help="files, folders or globs (default: predict.input)")
-    parser.add_argument("--model", default=str(MODEL_PATH))
-    parser.add_argument("--output", default=str(OUTPUT_PATH))
-    args = parser.parse_args(argv)
     params = load_params()
+    args = parse_args(argv, params)
+    cfg = params["predict"]
     device = pick_device(params["train"]["device"])
     model, ckpt = load_trained_model(args.model, device)
-    files = expand_inputs(args.inputs or [params["predict"]["input"]])
-    dataset = ImageListDataset(files, [0] * len(files), eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"]))
-    logits, _ = predict_logits(model, make_loader(dataset, params["predict"]["batch_size"]), device)
-    probs = torch.softmax(logits, 1)
-    top_p, top_i = probs.max(1)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["file", "predicted", "probability"])
-    for f, i, p in zip(files, top_i.tolist(), top_p.tolist()):
-        writer.writerow([str(f), ckpt["class_names"][i], f"{p:.6f}"])
-    write_text(args.output, buf.getvalue())
-    print(f"predict: {len(files)} images -> {args.output}")
+    inputs = args.inputs or [cfg["input"]]
+    if "test" in inputs and CLASS_INDEX.exists():
+        check_same_classes(ckpt["class_names"])
+    files = expand_inputs(inputs)
+    if not files:
+        raise UserError(f"no image files in {' '.join(inputs)}; give image files, folders holding them, or globs")
+    logits, errors = classify_files(model, ckpt, files, device, args.batch_size, cfg["precision"], cfg["workers"],
+                                    desc="predict")
+    rows = result_rows(files, logits, errors, ckpt["class_names"], args.top_k)
+    fmt = output_format(args.format, args.output)
+    text = to_json(rows) if fmt == "json" else to_csv(rows, min(args.top_k, ckpt["num_classes"]))
+    if args.output and args.output != "-":
+        write_text(args.output, text)
+    else:
+        sys.stdout.write(text)
+    log = sys.stderr if not args.output or args.output == "-" else sys.stdout
+    if args.picture is not None:
+        print(f"predict: picture -> {draw_picture(rows, args.picture or None)}", file=log)
+
+    failed = [r for r in rows if r["error"]]
+    for row in failed[:10]:
+        print(f"predict: {row['file']}: {row['error']}", file=sys.stderr)
+    if len(failed) > 10:
+        print(f"predict: ... and {len(failed) - 10} more unreadable files (see the error column)", file=sys.stderr)
+    print(f"predict: {len(rows) - len(failed)} of {len(rows)} files classified -> {args.output or 'stdout'}", file=log)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    sys.exit(run_stage(main))
