@@ -1,0 +1,114 @@
+"""The predict command line: every file gets a row, bad files get error rows, the rest are right."""
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_project, python, run
+from src.checkpoint import save_checkpoint
+from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from src.inference import load_trained_model
+from src.networks import build_model
+
+CLASSES = ["ant", "bee", "cat"]
+BATCH = 4  # 9 images: two full batches and a partial one, through a decoding worker
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    project = make_project(root / "project", {"predict.precision": "fp32"})
+    torch.manual_seed(0)
+    model = build_model("resnet18", len(CLASSES)).eval()
+    save_checkpoint(root / "model.pt", {
+        "arch": "resnet18", "num_classes": len(CLASSES), "class_names": CLASSES, "image_size": 32,
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "model": model.state_dict()})
+    rng = np.random.default_rng(0)
+    images = root / "images"
+    for i in range(9):
+        folder = images / ("nested/deeper" if i % 3 == 0 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i}.{'jpg' if i % 2 else 'png'}")
+    (images / "notes.txt").write_text("not an image, and not named like one: skipped in folders")
+    return project, root / "model.pt", images
+
+
+def reference(model_path, path):
+    """The tutorial's way: one image, eval transform, fp32 softmax."""
+    model, ckpt = load_trained_model(model_path)
+    x = eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"])(Image.open(path).convert("RGB"))
+    with torch.no_grad():
+        return torch.softmax(model(x[None]), 1)[0]
+
+
+def predict(project, *args):
+    return run([python(), "-m", "src.predict", *map(str, args)], project, check=False)
+
+
+def test_folder_gives_one_correct_row_per_image(setup):
+    project, model, images = setup
+    result = predict(project, images, "--model", model, "--batch-size", BATCH, "--top-k", 2)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    expected_files = sorted(p for p in images.rglob("img_*"))
+    assert [r["file"] for r in rows] == [str(p) for p in expected_files]  # 9 rows, recursive, in order
+    assert list(rows[0]) == ["file", "predicted", "probability", "class_2", "probability_2", "error"]
+    for row, path in zip(rows, expected_files):
+        probs = reference(model, path)
+        top = probs.topk(2)
+        assert [row["predicted"], row["class_2"]] == [CLASSES[i] for i in top.indices]
+        assert float(row["probability"]) == pytest.approx(top.values[0].item(), abs=1e-5)
+        assert float(row["probability_2"]) == pytest.approx(top.values[1].item(), abs=1e-5)
+        assert row["error"] == ""
+
+
+def test_unreadable_files_get_error_rows_and_the_rest_continue(setup):
+    project, model, images = setup
+    bad = images.parent / "bad"
+    bad.mkdir(exist_ok=True)
+    (bad / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    good = sorted(images.rglob("img_*"))
+    inputs = [good[0], bad / "corrupt.jpg", *good[1:], images / "missing.png"]
+    out = project / "out" / "predictions.json"
+    result = predict(project, *inputs, "--model", model, "--batch-size", BATCH, "--output", out)
+    assert result.returncode == 1
+    assert "corrupt.jpg" in result.stderr and "missing.png" in result.stderr
+    rows = json.loads(out.read_text())
+    assert [r["file"] for r in rows] == [str(p) for p in inputs]
+    errors = {r["file"]: r["error"] for r in rows if r["error"]}
+    assert set(errors) == {str(bad / "corrupt.jpg"), str(images / "missing.png")}
+    assert "no such file" in errors[str(images / "missing.png")]
+    for row in rows:
+        if row["error"]:
+            assert row["predicted"] is None and row["top_k"] == []
+            continue
+        probs = reference(model, row["file"])
+        assert len(row["top_k"]) == 3
+        assert row["predicted"] == CLASSES[probs.argmax()]
+        assert row["probability"] == pytest.approx(probs.max().item(), abs=1e-5)
+
+
+def test_glob_and_picture(setup):
+    project, model, images = setup
+    picture = project / "picture.png"
+    result = predict(project, f"{images}/**/*.jpg", "--model", model, "--format", "json", "--picture", picture)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert sorted(r["file"] for r in rows) == sorted(str(p) for p in images.rglob("*.jpg"))
+    with Image.open(picture) as img:
+        assert img.format == "PNG" and img.width > 200
+
+
+def test_no_images_is_one_line_error(setup):
+    project, model, images = setup
+    empty = images.parent / "empty"
+    empty.mkdir(exist_ok=True)
+    result = predict(project, empty, "--model", model)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "no image files" in result.stderr
