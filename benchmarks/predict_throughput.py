@@ -1,0 +1,134 @@
+"""Predict throughput: the real predict path against two baselines, side by side.
+
+    python benchmarks/predict_throughput.py                 # 300 JPEGs of 256 px, resnet18 at 224 px
+    python benchmarks/predict_throughput.py --images 500 --size 64 --stored 96
+
+Writes JPEGs and a randomly initialised, self-describing checkpoint to a temp folder, then times
+  predict   `src.predict.main` on the folder: listing, decoding (in workers), batching, the
+            model, the CSV: everything but starting Python
+  bare      the same model, batch size, precision and memory format on tensors decoded and
+            normalised beforehand: the ceiling for any predict path
+  one-by-one the tutorial's loop: open one image, transform, model, softmax, next (fp32)
+Each is run --repeats times, interleaved; the best time counts (the least disturbed by other
+processes). Target: predict >= 0.9x bare and >= 5x one-by-one.
+"""
+import argparse
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src import predict  # noqa: E402
+from src.checkpoint import save_checkpoint  # noqa: E402
+from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform  # noqa: E402
+from src.device import pick_precision, use_channels_last  # noqa: E402
+from src.inference import forward, load_trained_model  # noqa: E402
+from src.networks import build_model  # noqa: E402
+from src.params import load_params  # noqa: E402
+
+
+def write_images(folder, n, side, rng):
+    """Smooth shapes plus a little noise: JPEGs of realistic size, not incompressible noise."""
+    folder.mkdir(parents=True)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    for i in range(n):
+        a, b, c = rng.uniform(0, 6, 3)
+        img = np.stack([np.sin(a * xx + b * yy), np.cos(b * xx - c * yy), np.sin(c * (xx + yy))], -1)
+        img = (img + 1) * 110 + rng.normal(0, 8, img.shape)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"img_{i:05d}.jpg", quality=90)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--stored", type=int, default=256, help="side of the stored JPEGs in px")
+    ap.add_argument("--size", type=int, default=224, help="model input size in px")
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: predict.batch_size")
+    ap.add_argument("--one-by-one", type=int, default=30, help="images the slow loop times (it is slow)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    os.chdir(Path(__file__).resolve().parents[1])  # predict reads params.yaml from the repo root
+    params = load_params()
+    batch = args.batch_size or params["predict"]["batch_size"]
+    device = torch.device("cpu")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_images(tmp / "images", args.images, args.stored, np.random.default_rng(0))
+        torch.manual_seed(0)
+        save_checkpoint(tmp / "model.pt", {
+            "arch": args.arch, "num_classes": 10, "class_names": [f"class_{i}" for i in range(10)],
+            "image_size": args.size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "model": build_model(args.arch, 10).state_dict()})
+        files = sorted((tmp / "images").iterdir())
+
+        model, ckpt = load_trained_model(tmp / "model.pt", device)
+        amp_dtype = pick_precision(params["predict"]["precision"], device, args.size)
+        channels_last = use_channels_last("auto", device, args.size)
+        transform = eval_transform(args.size, ckpt["mean"], ckpt["std"])
+        preloaded = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+        bare_model = model.to(memory_format=torch.channels_last) if channels_last else model
+
+        @torch.inference_mode()
+        def bare():
+            return torch.cat([forward(bare_model, preloaded[i:i + batch], device, amp_dtype, channels_last)
+                              for i in range(0, len(preloaded), batch)])
+
+        def real():
+            with contextlib.redirect_stdout(io.StringIO()):
+                return predict.main([str(tmp / "images"), "--model", str(tmp / "model.pt"),
+                                     "--output", str(tmp / "out.csv"), "--batch-size", str(batch)])
+
+        slow_model, _ = load_trained_model(tmp / "model.pt", device)  # plain fp32, as the tutorial ran it
+
+        def one_by_one():
+            with torch.no_grad():
+                for f in files[:args.one_by_one]:
+                    x = transform(Image.open(f).convert("RGB"))
+                    torch.softmax(torch.squeeze(slow_model(x.unsqueeze(0))), dim=0).argmax().item()
+
+        one_by_one()  # warm-ups: oneDNN picks its kernels on first use
+        bare()
+        best = {"predict": float("inf"), "bare": float("inf"), "one-by-one": float("inf")}
+        for _ in range(args.repeats):
+            for name, fn in (("predict", real), ("bare", bare), ("one-by-one", one_by_one)):
+                seconds, out = timed(fn)
+                best[name] = min(best[name], seconds)
+                if name == "predict" and out != 0:
+                    raise SystemExit("predict reported unreadable files")
+
+        # Does the fast path (bf16 when chosen) pick the same class as plain fp32?
+        with torch.inference_mode():
+            fp32 = torch.cat([slow_model(preloaded[i:i + batch]) for i in range(0, len(preloaded), batch)])
+        agree = (bare().argmax(1) == fp32.argmax(1)).float().mean().item()
+
+    rate = {"predict": args.images / best["predict"], "bare": args.images / best["bare"],
+            "one-by-one": min(args.one_by_one, args.images) / best["one-by-one"]}
+    print(f"{args.images} JPEGs of {args.stored} px -> {args.arch} at {args.size} px, batch {batch}, "
+          f"{amp_dtype or 'fp32'}, channels_last={channels_last}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs; best of {args.repeats}")
+    for name, r in rate.items():
+        print(f"  {name:<11} {r:8.1f} img/s")
+    print(f"predict / bare       = {rate['predict'] / rate['bare']:.2f}x  (target >= 0.9)")
+    print(f"predict / one-by-one = {rate['predict'] / rate['one-by-one']:.2f}x  (target >= 5)")
+    print(f"top-1 agreement of the fast path with fp32: {agree:.3f} (random weights: near-ties flip easily)")
+
+
+if __name__ == "__main__":
+    main()
