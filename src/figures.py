@@ -53,7 +53,9 @@ def image_grid(paths, titles, title=None, title_colors=None, columns=4):
     n = max(1, len(paths))
     cols = min(columns, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows + (0.5 if title else 0)), squeeze=False)
+    # constrained layout keeps multi-line titles and the suptitle clear of the images
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.7 * rows + (0.4 if title else 0)), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for k, (ax, path, text) in enumerate(zip(axes.flat, paths, titles)):
@@ -69,5 +71,4 @@ def image_grid(paths, titles, title=None, title_colors=None, columns=4):
         axes.flat[0].text(0.5, 0.5, "nothing to show", ha="center", va="center", fontsize=14)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig

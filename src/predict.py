@@ -102,7 +102,11 @@ def draw_picture(rows, destination):
     from src.figures import image_grid, save_figure
     shown = [r for r in rows if not r["error"]][:PICTURE_LIMIT]
     titles = [f"class: {r['top_k'][0][0]}   prob: {r['top_k'][0][1]:.3}" for r in shown]
-    fig = image_grid([r["file"] for r in shown], titles, columns=1 if len(shown) == 1 else 4)
+    if len(shown) > 1:  # which picture is which file
+        titles = [f"{Path(r['file']).name}\n{t}" for r, t in zip(shown, titles)]
+    readable = len(rows) - sum(1 for r in rows if r["error"])
+    fig = image_grid([r["file"] for r in shown], titles, columns=1 if len(shown) == 1 else 4,
+                     title=f"the first {len(shown)} of {readable} images" if readable > len(shown) else None)
     if destination is None and plt.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo", "template"):
         plt.show()
         return "a window"
