@@ -96,6 +96,8 @@ def test_eval_json_equals_scikit_learn_on_the_same_predictions(evaluated):
     run_metrics = mlflow.get_run(ckpt["mlflow_run_id"]).data.metrics
     assert run_metrics["macro_f1"] == pytest.approx(results["macro_f1"])
     assert run_metrics["f1/gnu _ co"] == pytest.approx(results["f1/gnu & co"])
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(ckpt["mlflow_run_id"])}
+    assert {"confusion.png", "misclassified.png", "confusion.csv"} <= logged, logged
 
 
 def test_pictures_are_written(evaluated):
