@@ -19,6 +19,11 @@ def read_manifest(path=MANIFEST):
         raise UserError(f"{path} not found: run `dvc repro split` first") from None
 
 
+def held_out_split(rows):
+    """The split evaluate and predict use: test, or val for a pre-split dataset without test/."""
+    return "test" if any(r["split"] == "test" for r in rows) else "val"
+
+
 def load_class_names(path=CLASS_INDEX):
     """The class names in index order."""
     index = read_json(path)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from src import tracking
-from src.classes import check_same_classes, read_manifest
+from src.classes import check_same_classes, held_out_split, read_manifest
 from src.common import UserError, run_stage, write_json, write_text
 from src.data import rows_for
 from src.device import pick_device
@@ -117,7 +117,7 @@ def main():
     class_names = ckpt["class_names"]
     check_same_classes(class_names)
     rows = read_manifest()
-    split = "test" if any(r["split"] == "test" for r in rows) else "val"
+    split = held_out_split(rows)
     paths, labels = rows_for(rows, split, class_names)
     if not paths:
         raise UserError("the manifest has no test or val images to evaluate on; set data.test > 0")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from src.classes import CLASS_INDEX, check_same_classes, read_manifest
+from src.classes import CLASS_INDEX, check_same_classes, held_out_split, read_manifest
 from src.common import UserError, run_stage, write_text
 from src.device import pick_device
 from src.images import is_image_name
@@ -39,8 +39,9 @@ def expand_inputs(inputs):
     any unreadable file."""
     files = []
     for item in inputs:
-        if item == "test":
-            files += [Path(r["path"]) for r in read_manifest() if r["split"] == "test"]
+        if item == "test":  # the held-out images: test split, or val where the dataset has no test/
+            rows = read_manifest()
+            files += [Path(r["path"]) for r in rows if r["split"] == held_out_split(rows)]
             continue
         matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))]
         if not matches:

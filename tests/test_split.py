@@ -151,10 +151,8 @@ HYMENOPTERA = SHARED / "hymenoptera"
 
 @pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="no ../shared/datasets/hymenoptera here")
 def test_hymenoptera_keeps_its_split(tmp_path):
-    # predict.input: the default (the test split) is empty here, since the dataset has no test/.
     project = make_project(tmp_path / "project", {"data.source": str(HYMENOPTERA), "data.image_size": 64,
-                                                  "train.epochs": 1, "train.batch_size": 32,
-                                                  "predict.input": "data/raw/val/ants"})
+                                                  "train.epochs": 1, "train.batch_size": 32})
     run(["dvc", "repro"], project)
     rows = manifest(project)
     for r in rows:
@@ -167,7 +165,11 @@ def test_hymenoptera_keeps_its_split(tmp_path):
     assert data["rare_format_files"] == ["data/raw/train/ants/imageNotFound.gif"]
     assert data["formats"]["GIF"] == 1 and data["skipped"] == []
     assert json.loads((project / "data/class_indices.json").read_text()) == {"0": "ants", "1": "bees"}
-    assert (project / "metrics/eval.json").exists()
+    # No test/ here: evaluate and predict use the val images instead.
+    val = [r["path"] for r in rows if r["split"] == "val"]
+    assert json.loads((project / "metrics/eval.json").read_text())["test_images"] == len(val) == 153
+    with open(project / "data/predictions.csv", newline="", encoding="utf-8") as f:
+        assert [row["file"] for row in csv.DictReader(f)] == val
 
 
 def test_checkpoint_with_other_classes_is_refused(tmp_path):
