@@ -1,10 +1,9 @@
 """Datasets and loaders over the manifest (the tutorial's transforms, made configurable)."""
-import os
-
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from src.device import cpu_count
 from src.images import open_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,15 +61,19 @@ def shrink(img, side):
     return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
 
 
-def default_workers():
-    return min(8, max(1, (os.cpu_count() or 1) - 1))
+def default_workers(processes_per_machine=1):
+    """Decoding processes: the cores left after the training process(es), at most 8 each."""
+    return min(8, max(1, cpu_count() // processes_per_machine - 1))
 
 
-def make_loader(dataset, batch_size, shuffle=False, workers=0, pin_memory=False, sampler=None, generator=None):
+def make_loader(dataset, batch_size, shuffle=False, workers=0, pin_memory=False, sampler=None, generator=None,
+                drop_last=False):
+    # Persistent workers skip re-forking (and re-copying a cached dataset) every epoch;
+    # 4 batches in flight per worker hide decoding jitter behind the training step.
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
         num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None, generator=generator, drop_last=False,
+        prefetch_factor=4 if workers > 0 else None, generator=generator, drop_last=drop_last,
     )
 
 

@@ -96,6 +96,7 @@ SCHEMA = {
         "precision": choice("auto", "fp32", "bf16", "fp16"),
         "channels_last": choice("auto", True, False),
         "compile": choice(True, False),
+        "deterministic": choice(True, False),
         "workers": either(choice("auto"), integer(0)),
         "cache_images": choice("auto", True, False),
     },
@@ -137,6 +138,9 @@ def validate(params, schema=SCHEMA, prefix=""):
             raise UserError(f"params.yaml: {name}={value!r} is not allowed; use {check.allowed}")
     if prefix == "" and params["data"]["val"] + params["data"]["test"] >= 1:
         raise UserError("params.yaml: data.val + data.test must be below 1 to leave images for training")
+    if prefix == "" and params["train"]["warmup_epochs"] > params["train"]["epochs"]:
+        raise UserError(f"params.yaml: train.warmup_epochs={params['train']['warmup_epochs']} must not exceed "
+                        f"train.epochs={params['train']['epochs']}")
     return params
 
 

@@ -2,34 +2,54 @@
 
 Writes models/model.pt (best epoch, self-describing), metrics/train.json,
 metrics/train_history.csv (one row per epoch, for `dvc plots`), and one MLflow run.
+
+models/resume.pt holds the last completed epoch: weights plus everything to continue
+(optimizer, scheduler, grad scaler, RNG states, best-so-far, history, MLflow run id). It is
+not a DVC output, so DVC does not delete it before rerunning a stage that was killed; a rerun
+with the same params and data continues from it. It is marked finished when training ends.
+
+Distributed: `torchrun --nproc_per_node=N -m src.train` trains with DistributedDataParallel;
+train.batch_size stays the global batch (split across processes); rank 0 alone writes and logs.
 """
+import contextlib
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from src import tracking
-from src.checkpoint import save_checkpoint
-from src.classes import CLASS_INDEX, load_class_names, read_manifest
+from src.checkpoint import (describe, fingerprint, load_resume, rng_state, save_checkpoint, set_rng_state,
+                            weights)
+from src.classes import CLASS_INDEX, MANIFEST, load_class_names, read_manifest
 from src.common import UserError, read_json, run_stage, write_json, write_text
 from src.data import (ImageListDataset, default_workers, eval_transform,
                       make_loader, resize_size, rows_for, train_transform)
-from src.device import autocast, pick_device, pick_precision, use_channels_last
+from src.device import (autocast, configure, init_distributed, pick_device, pick_precision,
+                        use_channels_last)
 from src.inference import predict_logits
 from src.networks import create_model, preprocessing, set_transfer_phase
 from src.params import load_params
 
 MODEL_PATH = Path("models/model.pt")
+RESUME_PATH = Path("models/resume.pt")
 METRICS_PATH = Path("metrics/train.json")
 HISTORY_PATH = Path("metrics/train_history.csv")
 DATA_REPORT = Path("metrics/data_report.json")
 CACHE_LIMIT = 20_000  # cache decoded images in memory below this many (train.cache_images=auto)
+# Tests only: "EPOCH:BATCH" makes the stage SIGKILL itself there, to prove resuming works.
+KILL_AT = os.environ.get("RESNET_TL_TEST_KILL_AT")
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def load_data(params, class_names, norm):
+def load_data(params, class_names, norm, processes_per_machine=1):
     data, cfg = params["data"], params["train"]
     rows = read_manifest()
     train_paths, train_labels = rows_for(rows, "train", class_names)
@@ -42,7 +62,9 @@ def load_data(params, class_names, norm):
         data["image_size"], cfg["crop_scale"], cfg["hflip"], norm["mean"], norm["std"]), cache, side)
     val_set = ImageListDataset(val_paths, val_labels, eval_transform(data["image_size"], norm["mean"], norm["std"]),
                                cache, side)
-    workers = cfg["workers"] if cfg["workers"] != "auto" else (0 if cache else default_workers())
+    # Cached images cost microseconds per sample: worker processes would only steal cores from training.
+    workers = cfg["workers"] if cfg["workers"] != "auto" else (
+        0 if cache else default_workers(processes_per_machine))
     return train_set, val_set, workers
 
 
@@ -78,12 +100,17 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_dtype, channels_last,
-                    grad_clip, epoch):
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, amp_dtype, channels_last,
+                    grad_clip, epoch, show_progress=True):
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True)
-    for images, labels in bar:
+    # Sums stay on the device: reading them every batch would stall a GPU's queue.
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
+    check_every = 1 if device.type == "cpu" else 50  # a non-finite check syncs a GPU
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
+               disable=not show_progress)
+    for step, (images, labels) in enumerate(bar, 1):
+        if KILL_AT == f"{epoch}:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if channels_last:
@@ -91,20 +118,27 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_
         with autocast(device, amp_dtype):
             logits = model(images)
             loss = criterion(logits, labels)
-        if not torch.isfinite(loss):
-            raise UserError(f"training diverged: loss is {loss.item()} at epoch {epoch}; lower train.lr, "
-                            f"or set train.precision=fp32 if it happens under bf16/fp16")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
-        total_loss += loss.item() * labels.size(0)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += labels.size(0)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-    return total_loss / seen, correct / seen
+        totals += torch.stack([loss.detach().double() * labels.size(0),
+                               (logits.argmax(1) == labels).sum().double(),
+                               torch.tensor(labels.size(0), dtype=torch.float64, device=device)])
+        if step % check_every == 0 or step == len(loader):
+            loss_sum, correct, seen = totals.tolist()
+            if not math.isfinite(loss_sum):
+                raise UserError(f"training diverged: loss is {loss_sum} at epoch {epoch}; lower train.lr, "
+                                f"or set train.precision=fp32 if it happens under bf16/fp16")
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(totals)  # every rank's share of the epoch
+    loss_sum, correct, seen = totals.tolist()
+    return loss_sum / seen, correct / seen
 
 
 def evaluate(model, loader, criterion, device, amp_dtype, channels_last):
@@ -115,68 +149,163 @@ def evaluate(model, loader, criterion, device, amp_dtype, channels_last):
 def main():
     params = load_params()
     cfg = params["train"]
-    torch.manual_seed(params["seed"])
-    class_names = load_class_names()
     device = pick_device(cfg["device"])
+    dist, device = init_distributed(device)
+    configure(device, cfg["deterministic"])
+    torch.manual_seed(params["seed"] + dist.rank)  # each rank its own augmentations
+    class_names = load_class_names()
     amp_dtype = pick_precision(cfg["precision"], device, params["data"]["image_size"])
     channels_last = use_channels_last(cfg["channels_last"], device, params["data"]["image_size"])
     model = create_model(params, len(class_names)).to(device)
     norm = preprocessing(params)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if dist.world_size > 1 and cfg["batch_size"] % dist.world_size:
+        raise UserError(f"train.batch_size={cfg['batch_size']} is the global batch and must divide evenly "
+                        f"over {dist.world_size} processes; use a multiple of {dist.world_size}")
 
     data_report = read_json(DATA_REPORT)
-    train_set, val_set, workers = load_data(params, class_names, norm)
+    run_fingerprint = fingerprint(params, [MANIFEST, CLASS_INDEX, DATA_REPORT], dist.world_size)
+    resume = load_resume(RESUME_PATH, run_fingerprint)
+    train_set, val_set, workers = load_data(params, class_names, norm, dist.local_world_size)
     pin = device.type == "cuda"
+    batch_size = cfg["batch_size"] // dist.world_size
     generator = torch.Generator().manual_seed(params["seed"])
-    train_loader = make_loader(train_set, cfg["batch_size"], shuffle=True, workers=workers, pin_memory=pin,
-                               generator=generator)
+    sampler = DistributedSampler(train_set, seed=params["seed"]) if dist.world_size > 1 else None
+    # A last batch of one image would crash BatchNorm in training mode.
+    lone_last = len(sampler or train_set) % batch_size == 1
+    train_loader = make_loader(train_set, batch_size, shuffle=True, workers=workers, pin_memory=pin,
+                               sampler=sampler, generator=generator, drop_last=lone_last)
     val_loader = make_loader(val_set, cfg["batch_size"], workers=workers, pin_memory=pin)
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
-    print(f"train: {params['arch']} on {device} ({amp_dtype or 'fp32'}), {len(train_set)} train / "
-          f"{len(val_set)} val images, {len(class_names)} classes")
+    # Loss scaling keeps fp16 gradients from underflowing; bf16 and fp32 have the range and skip it.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    history, best = [], {"val_acc": -1.0, "epoch": 0}
+    history, best, bad_epochs, run_id, start = [], {"val_acc": -1.0, "epoch": 0}, 0, None, 1
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        generator.set_state(resume["loader_generator"])
+        set_rng_state(resume["rng"][dist.rank])
+        history, best, bad_epochs = resume["history"], resume["best"], resume["bad_epochs"]
+        run_id, start = resume["mlflow_run_id"], resume["epoch"] + 1
+
+    model_without_ddp = model
+    if dist.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = torch.compile(model) if cfg["compile"] else model
+
+    if dist.is_main:
+        # A kill during a checkpoint write leaves its half-written temporary file behind.
+        for stale in [*MODEL_PATH.parent.glob(f".{MODEL_PATH.name}.*.tmp"),
+                      *RESUME_PATH.parent.glob(f".{RESUME_PATH.name}.*.tmp")]:
+            stale.unlink()
+        print(f"train: {params['arch']} on {device} ({PRECISION_NAMES[amp_dtype]}"
+              f"{', channels_last' if channels_last else ''}"
+              f"{f', {dist.world_size} processes' if dist.world_size > 1 else ''}), {len(train_set)} train / "
+              f"{len(val_set)} val images, {len(class_names)} classes")
+        if resume:
+            print(f"train: resuming after epoch {resume['epoch']} from {RESUME_PATH}")
+    checkpoint_info = describe(params, class_names, norm)
+    best_weights = resume["best_model"] if resume else None
+    previous_weights = resume["model"] if resume else None
+    last = resume  # killed after the final epoch's save: only the summary is left to write
+
     started = time.time()
     # Opened before the first epoch so an unreachable tracking server fails fast.
-    with tracking.start_training_run(params, data_report["dataset_digest"]) as run:
-        for epoch in range(1, cfg["epochs"] + 1):
-            set_transfer_phase(model, params["model"], epoch)  # head_first: unfreeze after model.head_epochs
+    with (tracking.start_training_run(params, data_report["dataset_digest"], run_id=run_id)
+          if dist.is_main else contextlib.nullcontext()) as run:
+        if dist.is_main and resume:
+            # DVC deleted the declared outputs before this rerun: put the best weights back.
+            save_checkpoint(MODEL_PATH, {**checkpoint_info, "epoch": best["epoch"], "val_acc": best["val_acc"],
+                                         "mlflow_run_id": run.info.run_id,
+                                         "model": best_weights or resume["model"]})
+        for epoch in range(start, cfg["epochs"] + 1):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            set_transfer_phase(model_without_ddp, params["model"], epoch)  # head_first: unfreeze after model.head_epochs
             lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device,
-                                                    amp_dtype, channels_last, cfg["grad_clip"], epoch)
-            val_loss, val_acc = evaluate(model, val_loader, criterion, device, amp_dtype, channels_last)
+            train_loss, train_acc = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler,
+                                                    scaler, device, amp_dtype, channels_last, cfg["grad_clip"],
+                                                    epoch, show_progress=dist.is_main)
+            # Every rank evaluates the whole (small) val set with identical weights, so all
+            # ranks agree on early stopping without another collective.
+            sync_buffers(model_without_ddp)
+            val_loss, val_acc = evaluate(model_without_ddp, val_loader, criterion, device, amp_dtype,
+                                         channels_last)
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "lr": lr}
             history.append(row)
-            tracking.log_epoch(row)
-            print(f"epoch {epoch}/{cfg['epochs']}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
-                  f"val loss {val_loss:.4f} acc {val_acc:.4f}")
             if val_acc > best["val_acc"]:
-                best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}
-                save_checkpoint(MODEL_PATH, {
-                    "arch": params["arch"], "num_classes": len(class_names), "class_names": class_names,
-                    "image_size": params["data"]["image_size"], "mean": norm["mean"],
-                    "std": norm["std"], "epoch": epoch, "val_acc": val_acc, "params": params,
-                    "mlflow_run_id": run.info.run_id,
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                })
-        seconds = time.time() - started
-        metrics = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"],
-                   "final_train_acc": history[-1]["train_acc"], "epochs_run": len(history),
-                   "train_seconds": round(seconds, 1)}
-        tracking.finish_training(metrics, history, MODEL_PATH, [CLASS_INDEX, DATA_REPORT],
-                                 params["mlflow"]["register_model"])
-        write_json(METRICS_PATH, metrics)
-        header = list(history[0])
-        write_text(HISTORY_PATH, ",".join(header) + "\n" + "".join(
-            ",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in header) + "\n"
-            for r in history))
-    print(f"train: best val acc {best['val_acc']:.4f} at epoch {best['epoch']} -> {MODEL_PATH} "
-          f"({seconds:.0f}s)")
+                best, bad_epochs = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}, 0
+            else:
+                bad_epochs += 1
+            stop = cfg["patience"] > 0 and bad_epochs >= cfg["patience"]
+            rngs = gather_rng_states(dist)
+            if dist.is_main:
+                tracking.log_epoch(row)
+                print(f"epoch {epoch}/{cfg['epochs']}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
+                      f"val loss {val_loss:.4f} acc {val_acc:.4f}")
+                last_weights = weights(model_without_ddp)
+                if best["epoch"] == epoch:
+                    best_weights = None  # the last weights are the best: stored once
+                    save_checkpoint(MODEL_PATH, {**checkpoint_info, "epoch": epoch, "val_acc": val_acc,
+                                                 "mlflow_run_id": run.info.run_id, "model": last_weights})
+                elif best_weights is None:
+                    best_weights = previous_weights  # the best epoch was the one before
+                previous_weights = last_weights
+                last = {**checkpoint_info, "epoch": epoch, "val_acc": val_acc, "model": last_weights,
+                        "fingerprint": run_fingerprint, "finished": False, "mlflow_run_id": run.info.run_id,
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(), "loader_generator": generator.get_state(), "rng": rngs,
+                        "history": history, "best": best, "bad_epochs": bad_epochs, "best_model": best_weights}
+                save_checkpoint(RESUME_PATH, last)
+            if stop:
+                if dist.is_main:
+                    print(f"train: early stop, no val improvement for {bad_epochs} epochs")
+                break
+        if dist.is_main:
+            seconds = time.time() - started
+            metrics = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
+                       "best_val_loss": best["val_loss"], "final_train_acc": history[-1]["train_acc"],
+                       "epochs_run": len(history), "train_seconds": round(seconds, 1)}
+            tracking.finish_training(metrics, history, MODEL_PATH, [CLASS_INDEX, DATA_REPORT],
+                                     params["mlflow"]["register_model"])
+            write_json(METRICS_PATH, metrics)
+            header = list(history[0])
+            write_text(HISTORY_PATH, ",".join(header) + "\n" + "".join(
+                ",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in header) + "\n"
+                for r in history))
+            # Kept as the last epoch's checkpoint, never resumed: `dvc repro -f` retrains from scratch.
+            save_checkpoint(RESUME_PATH, {**last, "finished": True})
+    if dist.is_main:
+        print(f"train: best val acc {best['val_acc']:.4f} at epoch {best['epoch']} -> {MODEL_PATH} "
+              f"({seconds:.0f}s)")
+    if torch_dist.is_initialized():
+        print(f"train: rank {dist.rank} of {dist.world_size} trained {len(history) - (start - 1)} epochs "
+              f"on its {len(sampler)} of {len(train_set)} train images")
+        torch_dist.destroy_process_group()
+
+
+def sync_buffers(model):
+    """BatchNorm running stats from rank 0 to all: DDP syncs weights, each rank's buffers drift."""
+    if torch_dist.is_initialized():
+        for buffer in model.buffers():
+            torch_dist.broadcast(buffer, 0)
+
+
+def gather_rng_states(dist):
+    """Every rank's RNG state, in rank order, so a resume restores each rank's own stream."""
+    if not torch_dist.is_initialized():
+        return [rng_state()]
+    states = [None] * dist.world_size
+    torch_dist.all_gather_object(states, rng_state())
+    return states
 
 
 if __name__ == "__main__":

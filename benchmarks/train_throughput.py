@@ -1,0 +1,123 @@
+"""Training throughput: the train stage's own loop against a bare loop and a plain fp32 loop.
+
+    dvc repro classes                       # the manifest the stage reads
+    python benchmarks/train_throughput.py   # params.yaml's settings; --repeats/--arch/--image-size/--batch-size
+
+- stage: src/train.py's load_data, make_loader and train_one_epoch: the real images from disk
+  through the stage's loader (decoding cached per train.cache_images, augmentation, batching),
+  its precision, channels_last, grad scaler, scheduler and bookkeeping.
+- bare: the same model, optimizer, precision and memory format over the same number of images
+  already in memory as one tensor: forward, backward, step, nothing else.
+- fp32: the bare loop in plain fp32, contiguous (NCHW) memory.
+
+Each repeat runs one epoch of each, interleaved, after one warm-up epoch each (oneDNN/cuDNN pick
+kernels on first use); the median img/s is reported. The machine's other load shows up as noise:
+compare the ratios, which are measured side by side.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from src.classes import load_class_names  # noqa: E402
+from src.data import make_loader  # noqa: E402
+from src.device import autocast, pick_device, pick_precision, use_channels_last  # noqa: E402
+from src.networks import create_model, preprocessing  # noqa: E402
+from src.params import load_params  # noqa: E402
+from src.train import PRECISION_NAMES, load_data, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
+
+
+def fresh_model(params, num_classes, device, channels_last):
+    torch.manual_seed(params["seed"])
+    model = create_model(params, num_classes).to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def bare_epoch(model, optimizer, criterion, images, labels, batch_size, device, amp_dtype):
+    model.train()
+    for i in range(0, len(images), batch_size):
+        x, y = images[i:i + batch_size].to(device, non_blocking=True), labels[i:i + batch_size].to(device)
+        with autocast(device, amp_dtype):
+            loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--arch")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--batch-size", type=int)
+    args = parser.parse_args()
+    params = load_params()
+    params["arch"] = args.arch or params["arch"]
+    params["data"]["image_size"] = args.image_size or params["data"]["image_size"]
+    cfg = params["train"]
+    cfg["batch_size"] = args.batch_size or cfg["batch_size"]
+    size = params["data"]["image_size"]
+
+    device = pick_device(cfg["device"])
+    amp_dtype = pick_precision(cfg["precision"], device, size)
+    channels_last = use_channels_last(cfg["channels_last"], device, size)
+    class_names = load_class_names()
+    started = time.perf_counter()
+    train_set, _, workers = load_data(params, class_names, preprocessing(params))
+    prepare_seconds = time.perf_counter() - started
+    loader = make_loader(train_set, cfg["batch_size"], shuffle=True, workers=workers,
+                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
+    # The bare loops' images: the same dataset, transformed once, held as one tensor.
+    images = torch.stack([train_set[i][0] for i in range(len(train_set))])
+    labels = torch.tensor(train_set.labels)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        images, labels = images.pin_memory(), labels.pin_memory()
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+
+    stage_model = fresh_model(params, len(class_names), device, channels_last)
+    stage_opt = make_optimizer(stage_model, cfg)
+    stage_sched = make_scheduler(stage_opt, cfg, len(loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    bare_model = fresh_model(params, len(class_names), device, channels_last)
+    bare_opt = make_optimizer(bare_model, cfg)
+    fp32_model = fresh_model(params, len(class_names), device, False)
+    fp32_opt = make_optimizer(fp32_model, cfg)
+
+    runs = {
+        "stage": lambda epoch: train_one_epoch(stage_model, loader, criterion, stage_opt, stage_sched, scaler,
+                                               device, amp_dtype, channels_last, cfg["grad_clip"], epoch,
+                                               show_progress=False),
+        "bare": lambda epoch: bare_epoch(bare_model, bare_opt, criterion, images, labels, cfg["batch_size"],
+                                         device, amp_dtype),
+        "fp32": lambda epoch: bare_epoch(fp32_model, fp32_opt, criterion, images, labels, cfg["batch_size"],
+                                         device, None),
+    }
+    print(f"{params['arch']} at {size} px, batch {cfg['batch_size']}, {len(train_set)} images per epoch, "
+          f"{device} {PRECISION_NAMES[amp_dtype]}{' channels_last' if channels_last else ''}, "
+          f"{torch.get_num_threads()} threads, loader workers {workers}, "
+          f"images cached: {train_set.images is not None} (decoding took {prepare_seconds:.1f}s once)")
+    for fn in runs.values():
+        fn(0)  # warm-up
+    rates = {name: [] for name in runs}
+    for repeat in range(1, args.repeats + 1):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn(repeat)
+            rates[name].append(len(train_set) / (time.perf_counter() - t))
+        print(f"repeat {repeat}: " + ", ".join(f"{n} {r[-1]:.0f} img/s" for n, r in rates.items()))
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    print("median: " + ", ".join(f"{n} {v:.0f} img/s" for n, v in median.items()))
+    print(f"stage/bare = {median['stage'] / median['bare']:.3f}   stage/fp32 = {median['stage'] / median['fp32']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Every bad param stops the train stage at once, before any data is read, with one line."""
+import copy
+import pytest
+import yaml
+
+from conftest import REPO, python, run, set_params
+from src.common import UserError
+from src.params import validate
+
+BAD = [
+    ("train.optimizer", "adagrad", "train.optimizer='adagrad' is not allowed; use adam | adamw | sgd"),
+    ("train.lr", 0, "train.lr=0 is not allowed; use a number in (0, inf]"),
+    ("train.lr", -0.1, "train.lr=-0.1 is not allowed"),
+    ("train.batch_size", 0, "train.batch_size=0 is not allowed; use an integer >= 1"),
+    ("data.image_size", 0, "data.image_size=0 is not allowed; use an integer >= 1"),
+    ("data.image_size", 32.5, "data.image_size=32.5 is not allowed; use an integer >= 1"),
+    ("data.image_size", "big", "data.image_size='big' is not allowed"),
+    ("train.learning_rate", 0.1, "unknown key 'train.learning_rate'; allowed here: epochs, batch_size"),
+    ("train.precision", "fp8", "train.precision='fp8' is not allowed; use auto | fp32 | bf16 | fp16"),
+    ("train.warmup_epochs", 7, "train.warmup_epochs=7 must not exceed train.epochs=6"),
+    ("train.workers", -1, "train.workers=-1 is not allowed; use auto or an integer >= 0"),
+    ("train.deterministic", "yes", "train.deterministic='yes' is not allowed; use true | false"),
+]
+
+
+@pytest.mark.parametrize("dotted, value, expected", BAD)
+def test_validator_names_key_and_allowed_values(dotted, value, expected):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    bad = copy.deepcopy(params)
+    node = bad
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    validate(params)  # the shipped file is valid
+    with pytest.raises(UserError) as e:
+        validate(bad)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+# The issue's list, each through the stage's real command (each costs a process start).
+@pytest.mark.parametrize("dotted, value, expected", [b for b in BAD if b[0] in (
+    "train.optimizer", "train.batch_size", "train.learning_rate") or b[1] in (0, 32.5)])
+def test_bad_param_fails_before_data_loads(project, dotted, value, expected):
+    set_params(project, {dotted: value})
+    # No data exists in the fresh project: a message about the param (not about a missing
+    # manifest) proves validation ran before any data was read.
+    result = run([python(), "-m", "src.train"], project, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: params.yaml: ") and expected in lines[0], lines[0]
+    assert not (project / "models").exists()
+
+
+def test_unknown_top_level_key_through_dvc(project):
+    set_params(project, {"trian": {"epochs": 1}})
+    result = run(["dvc", "repro", "train"], project, check=False)
+    assert result.returncode != 0
+    assert "error: params.yaml: unknown key 'trian'; allowed here: arch, seed, data" in result.stderr + result.stdout
+    assert not (project / "data" / "raw").exists()  # stopped at the first stage, before ingesting
