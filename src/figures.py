@@ -51,10 +51,11 @@ def image_grid(paths, titles, title=None, title_colors=None, columns=4):
     """Each image (decoded as training decodes it) above its title."""
     from matplotlib import pyplot as plt
     n = max(1, len(paths))
-    cols = min(columns, n)
+    cols = min(columns, n) if paths else 2  # an empty grid still needs room for its title
     rows = math.ceil(n / cols)
     # constrained layout keeps multi-line titles and the suptitle clear of the images
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.7 * rows + (0.4 if title else 0)), squeeze=False,
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols if paths else 6.4, 3.7 * rows + (0.4 if title else 0)),
+                             squeeze=False,
                              layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
@@ -68,7 +69,8 @@ def image_grid(paths, titles, title=None, title_colors=None, columns=4):
         color = title_colors[k] if title_colors else "black"
         ax.set_title(text, fontsize=9, color=color)
     if not paths:
-        axes.flat[0].text(0.5, 0.5, "nothing to show", ha="center", va="center", fontsize=14)
+        axes.flat[0].text(1.0, 0.5, "nothing to show", ha="center", va="center", fontsize=14,
+                          transform=axes.flat[0].transAxes)
     if title:
         fig.suptitle(title)
     return fig

@@ -118,8 +118,10 @@ def log_dataset(source, dataset_digest):
         resolved = resolve_dataset_source(source)
     name = Path(source.rstrip("/")).name or source
     # MLflow caps a dataset digest at 36 characters; the full sha256 is the run's dataset_digest tag.
-    dataset = mlflow.data.from_pandas(pd.read_csv(MANIFEST), source=resolved, name=name,
-                                      digest=dataset_digest[:36] if dataset_digest else None)
+    with warnings.catch_warnings():  # a hint about integer columns, meant for model signatures
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(pd.read_csv(MANIFEST), source=resolved, name=name,
+                                          digest=dataset_digest[:36] if dataset_digest else None)
     mlflow.log_input(dataset, context="training")
 
 
