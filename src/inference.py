@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from src.checkpoint import load_checkpoint
 from src.data import default_workers, make_loader, resize_size
-from src.device import autocast, pick_precision, use_channels_last
+from src.device import autocast, cpu_count, pick_precision, use_channels_last
 from src.images import image_problem, open_rgb
 from src.networks import build_model
 
@@ -86,10 +86,12 @@ def normalize(images, mean, std):
 
 
 def inference_workers(choice, n_files, batch_size):
-    """Decoding processes: none for a single batch (starting one costs more than it saves)."""
+    """Decoding processes: none for a single batch (starting one costs more than it saves), and
+    none on 2 CPUs, where a decoding process only steals a core from the model's threads
+    (measured: 0.74x of bare inference with one worker, 0.80x with none)."""
     if choice != "auto":
         return choice
-    return default_workers() if n_files > batch_size else 0
+    return default_workers() if n_files > batch_size and cpu_count() > 2 else 0
 
 
 @torch.inference_mode()

@@ -21,7 +21,7 @@ BATCH = 4  # 9 images: two full batches and a partial one, through a decoding wo
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
-    project = make_project(root / "project", {"predict.precision": "fp32"})
+    project = make_project(root / "project", {"predict.precision": "fp32", "predict.workers": 1})
     torch.manual_seed(0)
     model = build_model("resnet18", len(CLASSES)).eval()
     save_checkpoint(root / "model.pt", {
