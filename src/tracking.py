@@ -122,7 +122,7 @@ def log_dataset(source, dataset_digest):
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(pd.read_csv(MANIFEST), source=resolved, name=name,
                                           digest=dataset_digest[:36] if dataset_digest else None)
-    mlflow.log_input(dataset, context="training")
+        mlflow.log_input(dataset, context="training")
 
 
 def start_training_run(params, dataset_digest, run_id=None):
