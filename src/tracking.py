@@ -120,7 +120,7 @@ def log_dataset(source, dataset_digest):
     # MLflow caps a dataset digest at 36 characters; the full sha256 is the run's dataset_digest tag.
     with warnings.catch_warnings():  # a hint about integer columns, meant for model signatures
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(pd.read_csv(MANIFEST), source=resolved, name=name,
+        dataset = mlflow.data.from_pandas(pd.read_csv(MANIFEST, dtype=str), source=resolved, name=name,
                                           digest=dataset_digest[:36] if dataset_digest else None)
         mlflow.log_input(dataset, context="training")
 
