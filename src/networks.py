@@ -185,9 +185,14 @@ def frozen_now(cfg, epoch):
 
 
 def set_transfer_phase(model, cfg, epoch):
-    """Called at the start of each epoch: head_first unfreezes after model.head_epochs epochs."""
+    """Called at the start of each epoch: head_first unfreezes after model.head_epochs epochs.
+
+    Returns True when it unfroze something (a DistributedDataParallel wrapper must then be rebuilt).
+    """
     if not frozen_now(cfg, epoch) and any(not p.requires_grad for p in model.parameters()):
         unfreeze(model)
+        return True
+    return False
 
 
 # ---------------------------------------------------------------- what train.py calls

@@ -195,10 +195,15 @@ def main():
         history, best, bad_epochs = resume["history"], resume["best"], resume["bad_epochs"]
         run_id, start = resume["mlflow_run_id"], resume["epoch"] + 1
 
+    def wrap(model):
+        """DDP (under torchrun) and torch.compile around the bare model. DDP registers only the
+        parameters that need gradients when it wraps, so it is rebuilt when head_first unfreezes."""
+        if dist.world_size > 1:
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return torch.compile(model) if cfg["compile"] else model
+
     model_without_ddp = model
-    if dist.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_model = torch.compile(model) if cfg["compile"] else model
+    train_model = wrap(model_without_ddp)
 
     if dist.is_main:
         # A kill during a checkpoint write leaves its half-written temporary file behind.
@@ -228,7 +233,8 @@ def main():
         for epoch in range(start, cfg["epochs"] + 1):
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            set_transfer_phase(model_without_ddp, params["model"], epoch)  # head_first: unfreeze after model.head_epochs
+            if set_transfer_phase(model_without_ddp, params["model"], epoch):  # head_first: unfreeze now
+                train_model = wrap(model_without_ddp)
             lr = optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler,
                                                     scaler, device, amp_dtype, channels_last, cfg["grad_clip"],
@@ -287,9 +293,20 @@ def main():
         print(f"train: best val acc {best['val_acc']:.4f} at epoch {best['epoch']} -> {MODEL_PATH} "
               f"({seconds:.0f}s)")
     if torch_dist.is_initialized():
+        check_ranks_agree(model_without_ddp)
         print(f"train: rank {dist.rank} of {dist.world_size} trained {len(history) - (start - 1)} epochs "
               f"on its {len(sampler)} of {len(train_set)} train images")
         torch_dist.destroy_process_group()
+
+
+def check_ranks_agree(model):
+    """Every rank must end with the same weights; a parameter DDP did not sync would drift apart."""
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    totals = [torch.zeros_like(total) for _ in range(torch_dist.get_world_size())]
+    torch_dist.all_gather(totals, total)
+    if not all(torch.allclose(t, totals[0], rtol=1e-9, atol=0.0) for t in totals):
+        raise UserError(f"distributed training went out of sync: the ranks' weights sum to "
+                        f"{[t.item() for t in totals]}; please report this with your params.yaml")
 
 
 def sync_buffers(model):

@@ -35,3 +35,16 @@ def test_torchrun_two_processes_match_single_process(project):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["resnet-transfer"], output_format="list")
     assert len(runs) == 2  # one per training, none from rank 1
+
+
+def test_torchrun_head_first_unfreezes_on_every_rank_in_step(project):
+    # The backbone starts frozen, so DDP first wraps only the head; after the unfreeze every
+    # parameter must be synchronised again, or the ranks' backbones drift apart (the stage
+    # compares the ranks' weights at the end and fails if they differ).
+    run(["dvc", "repro", "classes"], project)
+    from conftest import set_params
+    set_params(project, {"model.transfer": "head_first", "model.head_epochs": 1})
+    out = run([python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "src.train"], project).stdout
+    assert "rank 0 of 2 trained 2 epochs" in out and "rank 1 of 2 trained 2 epochs" in out
+    assert "out of sync" not in out
