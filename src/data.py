@@ -1,5 +1,4 @@
 """Datasets and loaders over the manifest (the tutorial's transforms, made configurable)."""
-import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
@@ -82,8 +81,3 @@ def rows_for(rows, split, class_names):
     index = {name: i for i, name in enumerate(class_names)}
     chosen = [r for r in rows if r["split"] == split]
     return [r["path"] for r in chosen], [index[r["label"]] for r in chosen]
-
-
-def collate_images(batch):
-    images, labels = zip(*batch)
-    return torch.stack(images), torch.tensor(labels)

@@ -9,6 +9,7 @@ load every pretrained tensor except the 1000-way ImageNet head (its shape differ
 train everything (finetune), the head only (freeze), or the head first and then everything
 (head_first).
 """
+import difflib
 import os
 import socket
 from pathlib import Path
@@ -50,7 +51,9 @@ def build_model(arch, num_classes, include_top=True):
             raise UserError(f"include_top=False is built for the ResNet family ({', '.join(FAMILY)}), "
                             f"not {arch}; use torchvision.models.feature_extraction for it")
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    raise UserError(f"arch={arch!r} is unknown; valid names: {', '.join(available_archs())}")
+    close = difflib.get_close_matches(str(arch), available_archs(), n=3)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise UserError(f"arch={arch!r} is unknown{hint}; valid names: {', '.join(available_archs())}")
 
 
 def head_module_name(model):

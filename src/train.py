@@ -72,7 +72,7 @@ def make_optimizer(model, cfg):
     decay, no_decay = [], []
     # Frozen parameters are included too: head_first unfreezes them later, and optimizers
     # skip parameters that got no gradient.
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         (no_decay if p.ndim <= 1 and not cfg["decay_bn_and_bias"] else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
               {"params": no_decay, "weight_decay": 0.0}]
