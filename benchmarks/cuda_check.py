@@ -1,14 +1,20 @@
 """The CUDA training path, measured: resnet50 at 224 px, AMP + channels_last + cudnn.benchmark.
 
-    python benchmarks/cuda_check.py                      # on a machine with a GPU (~2-3 minutes)
+    python benchmarks/cuda_check.py                      # on a machine with a GPU (~2 minutes)
     python benchmarks/cuda_check.py --data DIR           # real photos (class sub-folders) instead of generated JPEGs
+    python benchmarks/cuda_check.py --compile            # torch.compile the model too
     python benchmarks/cuda_check.py --cpu --image-size 32 --steps 3 --arch resnet18   # smoke test without a GPU
 
-Prints img/s of training on synthetic tensors already on the GPU (the ceiling), of training fed by
-the project's real loader (JPEG decode + RandomResizedCrop in worker processes, pinned memory,
-non_blocking copies), of the loader alone, and real/synthetic. Without a GPU it says so and exits 0.
+Both measurements run src/train.py's own `train_one_epoch` (its autocast, grad scaler, scheduler,
+non-finite checks and bookkeeping):
+  synthetic  over batches of random tensors already on the GPU: the ceiling for this model
+  real       over the stage's own loader (`load_data`: JPEG decode, cache_images=auto,
+             RandomResizedCrop + flip + normalise in worker processes, pinned memory, non_blocking)
+and the loader alone; prints img/s of each and real/synthetic. Without a GPU it says so and exits 0.
 """
 import argparse
+import csv
+import os
 import sys
 import tempfile
 import time
@@ -20,11 +26,14 @@ import torch.nn as nn
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from src.data import ImageListDataset, default_workers, make_loader, train_transform  # noqa: E402
-from src.device import autocast, configure, pick_precision  # noqa: E402
+from src.classes import MANIFEST  # noqa: E402
+from src.data import IMAGENET_MEAN, IMAGENET_STD, make_loader  # noqa: E402
+from src.device import configure, pick_precision  # noqa: E402
 from src.images import is_image_name  # noqa: E402
+from src.inference import norm_tensors  # noqa: E402
 from src.networks import build_model  # noqa: E402
-from src.train import PRECISION_NAMES  # noqa: E402
+from src.params import load_params  # noqa: E402
+from src.train import PRECISION_NAMES, load_data, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
 
 
 def photo_like_jpegs(root, count, seed=0):
@@ -40,13 +49,13 @@ def photo_like_jpegs(root, count, seed=0):
     return paths
 
 
-def step(model, optimizer, scaler, criterion, images, labels, amp_dtype, device):
-    with autocast(device, amp_dtype):
-        loss = criterion(model(images), labels)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+def write_manifest(paths, classes):
+    """data/manifest.csv in the current folder, every image in train: what the stage reads."""
+    MANIFEST.parent.mkdir(parents=True, exist_ok=True)
+    with open(MANIFEST, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split", "sha256"])
+        writer.writerows([str(p.resolve()), p.parent.name, "train", ""] for p in paths)
 
 
 def timed(fn, device):
@@ -64,9 +73,9 @@ def main():
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=30, help="batches per measurement")
     parser.add_argument("--data", help="a folder of class sub-folders of images (default: generated JPEGs)")
-    parser.add_argument("--workers", type=int, default=None, help="default: sized to the machine")
+    parser.add_argument("--workers", default="auto", help="loader processes (default: the stage's auto)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the model")
     parser.add_argument("--cpu", action="store_true", help="run on CPU (a smoke test of this script)")
     args = parser.parse_args()
@@ -74,27 +83,34 @@ def main():
         print("cuda_check: no CUDA GPU visible; nothing measured (use --cpu for a smoke test)")
         return
     device = torch.device("cpu" if args.cpu else "cuda")
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    cfg = params["train"]
+    params["arch"], params["data"]["image_size"] = args.arch, args.image_size
+    cfg.update(batch_size=args.batch_size, hflip=0.5, crop_scale=[0.08, 1.0], optimizer="sgd", lr=0.01,
+               workers=args.workers if args.workers == "auto" else int(args.workers))
     configure(device, deterministic=False)  # cudnn.benchmark, TF32
     amp_dtype = pick_precision("auto", device, args.image_size)
     model = build_model(args.arch, 10).to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss()
+    norm = norm_tensors(IMAGENET_MEAN, IMAGENET_STD, device)
     train_model = torch.compile(model) if args.compile else model
     batch, steps = args.batch_size, args.steps
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{args.arch} at {args.image_size} px, batch {batch}, {name}, {PRECISION_NAMES[amp_dtype]}, "
-          f"channels_last{', compiled' if args.compile else ''}")
+          f"channels_last{', compiled' if args.compile else ''}, torch {torch.__version__}")
 
-    # Synthetic: tensors already on the device, the ceiling for this model and precision.
-    x = torch.randn(batch, 3, args.image_size, args.image_size, device=device).contiguous(
-        memory_format=torch.channels_last)
+    def epoch(batches, number=0):
+        scheduler = make_scheduler(optimizer, {**cfg, "epochs": 1}, len(batches))
+        train_one_epoch(train_model, batches, criterion, optimizer, scheduler, scaler, device, amp_dtype,
+                        True, norm, 0.0, number, show_progress=False)
+
+    # Synthetic: uint8 batches already on the device, the ceiling for this model and precision.
+    x = torch.randint(0, 256, (batch, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    for _ in range(3):
-        step(train_model, optimizer, scaler, criterion, x, y, amp_dtype, device)  # cudnn autotuning, compile
-    seconds = timed(lambda: [step(train_model, optimizer, scaler, criterion, x, y, amp_dtype, device)
-                             for _ in range(steps)], device)
-    synthetic = steps * batch / seconds
+    epoch([(x, y)] * 3)  # cudnn autotuning, compile
+    synthetic = steps * batch / timed(lambda: epoch([(x, y)] * steps), device)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.data:
@@ -102,33 +118,28 @@ def main():
             if not paths:
                 sys.exit(f"cuda_check: no images under {args.data}")
         else:
-            paths = photo_like_jpegs(Path(tmp), min(2048, batch * (steps + 3)))
-        classes = sorted({p.parent.name for p in paths})
-        labels = [classes.index(p.parent.name) % 10 for p in paths]
-        workers = default_workers() if args.workers is None else args.workers
-        dataset = ImageListDataset(paths, labels, train_transform(args.image_size))
-        loader = make_loader(dataset, batch, shuffle=True, workers=workers, pin_memory=device.type == "cuda",
+            paths = photo_like_jpegs(Path(tmp) / "images", batch * steps)
+        paths = paths[:batch * steps]
+        classes = sorted({p.parent.name for p in paths})[:10]
+        paths = [p for p in paths if p.parent.name in classes]
+        os.chdir(tmp)
+        write_manifest(paths, classes)
+        started = time.perf_counter()
+        train_set, _, workers = load_data(params, classes, device)
+        prepare = time.perf_counter() - started
+        loader = make_loader(train_set, batch, shuffle=True, workers=workers, pin_memory=device.type == "cuda",
                              drop_last=True)
-
-        def real_epochs(train):
-            done = 0
-            while done < steps:
-                for images, target in loader:
-                    if done == steps:
-                        break
-                    if train:
-                        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                        step(train_model, optimizer, scaler, criterion, images,
-                             target.to(device, non_blocking=True), amp_dtype, device)
-                    done += 1
-
-        real_epochs(train=False)  # start the workers, warm the page cache
-        loader_only = steps * batch / timed(lambda: real_epochs(train=False), device)
-        real = steps * batch / timed(lambda: real_epochs(train=True), device)
+        steps = len(loader)
+        for _ in loader:  # start the workers, warm the page cache
+            pass
+        loader_only = steps * batch / timed(lambda: [None for _ in loader], device)
+        epoch(loader)  # the loader's first real epoch feeding the model
+        real = steps * batch / timed(lambda: epoch(loader, 1), device)
     print(f"synthetic {synthetic:.0f} img/s | real loader + training {real:.0f} img/s | "
-          f"loader alone {loader_only:.0f} img/s ({workers} workers, {len(paths)} images)")
+          f"loader alone {loader_only:.0f} img/s ({workers} workers, {len(paths)} images, "
+          f"cached: {train_set.images is not None}, caching took {prepare:.1f}s)")
     print(f"real/synthetic = {real / synthetic:.3f}" + (
-        "   (loader-bound: more workers or cache_images)" if loader_only < synthetic else ""))
+        "   (loader-bound: more CPU cores or workers)" if loader_only < synthetic else ""))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.classes import load_class_names  # noqa: E402
 from src.data import make_loader  # noqa: E402
 from src.device import autocast, pick_device, pick_precision, use_channels_last  # noqa: E402
+from src.inference import norm_tensors, to_input  # noqa: E402
 from src.networks import create_model, preprocessing  # noqa: E402
 from src.params import load_params  # noqa: E402
 from src.train import PRECISION_NAMES, load_data, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
@@ -57,12 +58,17 @@ def main():
     parser.add_argument("--arch")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--precision", help="train.precision to use (auto, fp32, bf16, fp16)")
+    parser.add_argument("--channels-last", choices=["auto", "true", "false"])
     args = parser.parse_args()
     params = load_params()
     params["arch"] = args.arch or params["arch"]
     params["data"]["image_size"] = args.image_size or params["data"]["image_size"]
     cfg = params["train"]
     cfg["batch_size"] = args.batch_size or cfg["batch_size"]
+    cfg["precision"] = args.precision or cfg["precision"]
+    if args.channels_last:
+        cfg["channels_last"] = {"auto": "auto", "true": True, "false": False}[args.channels_last]
     size = params["data"]["image_size"]
 
     device = pick_device(cfg["device"])
@@ -70,12 +76,15 @@ def main():
     channels_last = use_channels_last(cfg["channels_last"], device, size)
     class_names = load_class_names()
     started = time.perf_counter()
-    train_set, _, workers = load_data(params, class_names, preprocessing(params))
+    train_set, _, workers = load_data(params, class_names, device)
     prepare_seconds = time.perf_counter() - started
     loader = make_loader(train_set, cfg["batch_size"], shuffle=True, workers=workers,
                          pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
-    # The bare loops' images: the same dataset, transformed once, held as one tensor.
-    images = torch.stack([train_set[i][0] for i in range(len(train_set))])
+    # The bare loops' images: the same dataset, augmented and normalised once, held as one tensor.
+    mean_std = preprocessing(params)
+    norm = norm_tensors(mean_std["mean"], mean_std["std"], device)
+    images = to_input(torch.stack([train_set[i][0] for i in range(len(train_set))]), torch.device("cpu"),
+                      norm_tensors(mean_std["mean"], mean_std["std"], "cpu"))
     labels = torch.tensor(train_set.labels)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -94,7 +103,7 @@ def main():
 
     runs = {
         "stage": lambda epoch: train_one_epoch(stage_model, loader, criterion, stage_opt, stage_sched, scaler,
-                                               device, amp_dtype, channels_last, cfg["grad_clip"], epoch,
+                                               device, amp_dtype, channels_last, norm, cfg["grad_clip"], epoch,
                                                show_progress=False),
         "bare": lambda epoch: bare_epoch(bare_model, bare_opt, criterion, images, labels, cfg["batch_size"],
                                          device, amp_dtype),

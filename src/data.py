@@ -1,4 +1,15 @@
-"""Datasets and loaders over the manifest (the tutorial's transforms, made configurable)."""
+"""Datasets and loaders over the manifest (the tutorial's transforms, made configurable).
+
+The loaders yield uint8 images: a quarter of float32's bytes between worker processes, through
+pinned memory and to a GPU. They are normalised a batch at a time on the device
+(`src.inference.to_input`), where one vectorised op replaces a ToTensor + Normalize per image.
+"""
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
@@ -14,15 +25,70 @@ def resize_size(image_size):
     return int(round(image_size * 256 / 224))
 
 
-def train_transform(image_size, crop_scale=(0.08, 1.0), hflip=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    steps = [transforms.RandomResizedCrop(image_size, scale=tuple(crop_scale))]
-    if hflip > 0:
-        steps.append(transforms.RandomHorizontalFlip(hflip))
-    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    return transforms.Compose(steps)
+def to_uint8_tensor(img):
+    """PIL RGB image -> uint8 CHW tensor (PILToTensor, without its per-call overhead)."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+class RandomResizedCropFlip:
+    """torchvision's RandomResizedCrop + RandomHorizontalFlip on a PIL image, as a uint8 tensor.
+
+    The same sampling (area uniform in `scale`, log-uniform aspect ratio, 10 tries, then a
+    center crop), but its random numbers come from one torch.rand call (seeded and resumed
+    with torch's RNG state) and crop + resize are one PIL call. Per image that is ~25 us
+    against ~115 us for the torchvision chain with ToTensor + Normalize at 32 px, and ~0.45 ms
+    against 0.75 ms at 224 px: the loader's share of a CPU training step, and what keeps a
+    GPU fed from few cores.
+    """
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5):
+        self.size, self.scale, self.hflip = size, tuple(scale), hflip
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.ratio = tuple(ratio)
+
+    def crop_box(self, width, height, draws):
+        area = width * height
+        for u_area, u_ratio, u_top, u_left in draws:
+            target = area * (self.scale[0] + u_area * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(self.log_ratio[0] + u_ratio * (self.log_ratio[1] - self.log_ratio[0]))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top, left = int(u_top * (height - h + 1)), int(u_left * (width - w + 1))
+                return left, top, left + w, top + h
+        # Fallback, as torchvision: the whole image, trimmed to the ratio range, centered.
+        w, h = width, height
+        if width / height < self.ratio[0]:
+            h = round(width / self.ratio[0])
+        elif width / height > self.ratio[1]:
+            w = round(height * self.ratio[1])
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def __call__(self, img):
+        draws = torch.rand(11, 4).tolist()  # 10 crop tries and the flip
+        box = self.crop_box(img.width, img.height, draws[:10])
+        img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
+        if draws[10][0] < self.hflip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_uint8_tensor(img)
+
+
+def train_transform(image_size, crop_scale=(0.08, 1.0), hflip=0.5):
+    """Training augmentation (uint8 out; normalised per batch)."""
+    return RandomResizedCropFlip(image_size, crop_scale, hflip=hflip)
+
+
+def eval_crop(image_size):
+    """Resize (256/224 of the size) + CenterCrop, uint8 out; normalised per batch."""
+    return transforms.Compose([
+        transforms.Resize(resize_size(image_size)),
+        transforms.CenterCrop(image_size),
+        to_uint8_tensor,
+    ])
 
 
 def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The tutorial's evaluation transform, float out: eval_crop + ToTensor + Normalize, per image."""
     return transforms.Compose([
         transforms.Resize(resize_size(image_size)),
         transforms.CenterCrop(image_size),
@@ -42,7 +108,11 @@ class ImageListDataset(Dataset):
         self.paths, self.labels, self.transform = list(paths), list(labels), transform
         self.images = None
         if cache:
-            self.images = [shrink(open_rgb(p), cache_side) for p in self.paths]
+            # JPEGs decode straight at the reduced size (draft mode), on every core: Pillow
+            # releases the GIL while it decodes and resizes.
+            with ThreadPoolExecutor(cpu_count()) as pool:
+                self.images = list(pool.map(lambda p: shrink(open_rgb(p, min_side=cache_side), cache_side),
+                                            self.paths))
 
     def __len__(self):
         return len(self.paths)
@@ -61,8 +131,10 @@ def shrink(img, side):
 
 
 def default_workers(processes_per_machine=1):
-    """Decoding processes: the cores left after the training process(es), at most 8 each."""
-    return min(8, max(1, cpu_count() // processes_per_machine - 1))
+    """Decoding processes: the cores left after the training process(es), at most 16 each
+    (an H100 trains resnet50 at 224 px faster than 8 processes augment: measured 3,370 img/s
+    against 2,110 from 8 workers on 16 cores)."""
+    return min(16, max(1, cpu_count() // processes_per_machine - 1))
 
 
 def make_loader(dataset, batch_size, shuffle=False, workers=0, pin_memory=False, sampler=None, generator=None,

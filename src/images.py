@@ -1,5 +1,6 @@
 """Opening any image file as an RGB picture, and saying why a file can't be used."""
 import hashlib
+import math
 import warnings
 
 import numpy as np
@@ -48,9 +49,12 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def open_rgb(path):
-    """Decode the whole file, apply its EXIF rotation and return an RGB image.
+def open_rgb(path, min_side=None):
+    """Decode the file, apply its EXIF rotation and return an RGB image.
 
+    With `min_side`, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling,
+    Pillow's draft mode) as long as its shorter side stays >= min_side: for a caller that
+    shrinks it anyway, a 3000 px photo then decodes several times faster.
     Raises an exception (of any kind Pillow throws) if the file is not a usable image;
     `check_image` turns that into a reason.
     """
@@ -59,6 +63,9 @@ def open_rgb(path):
         # 108 Mpx phone photos sit between the two, so only the refusal counts.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
+            if min_side and img.format == "JPEG":
+                scale = min_side / min(img.size)
+                img.draft(None, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
             img.load()
             try:
                 img = ImageOps.exif_transpose(img)

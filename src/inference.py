@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from torchvision import transforms
 from tqdm import tqdm
 
 from src.checkpoint import load_checkpoint
-from src.data import default_workers, make_loader, resize_size
+from src.data import default_workers, eval_crop, make_loader, resize_size
 from src.device import autocast, cpu_count, pick_precision, use_channels_last
 from src.images import image_problem, open_rgb
 from src.networks import build_model
@@ -27,22 +26,39 @@ def load_trained_model(path, device="cpu"):
     return model, ckpt
 
 
-def forward(model, images, device, amp_dtype=None, channels_last=False):
-    """fp32 logits of one batch."""
+def norm_tensors(mean, std, device):
+    """(scale, shift) that turn a uint8 batch into ToTensor + Normalize's output in one op."""
+    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    return (1 / (255 * std)).to(device), (-mean / std).to(device)
+
+
+def to_input(images, device, norm=None, channels_last=False):
+    """A loader's batch as the model takes it: on the device, channels_last if asked, and a
+    uint8 batch (what this project's loaders yield) normalised there with `norm_tensors`."""
     images = images.to(device, non_blocking=True)
-    if channels_last:
+    if channels_last:  # converted while still uint8: a quarter of the bytes to move
         images = images.contiguous(memory_format=torch.channels_last)
+    if images.dtype == torch.uint8:
+        scale, shift = norm
+        images = torch.addcmul(shift, images.float(), scale)  # (x / 255 - mean) / std: two passes, not four
+    return images
+
+
+def forward(model, images, device, amp_dtype=None, channels_last=False, norm=None):
+    """fp32 logits of one batch (uint8 batches are normalised with `norm` first)."""
+    images = to_input(images, device, norm, channels_last)
     with autocast(device, amp_dtype):
         return model(images).float()
 
 
 @torch.inference_mode()
-def predict_logits(model, loader, device, amp_dtype=None, channels_last=False, progress=None):
+def predict_logits(model, loader, device, amp_dtype=None, channels_last=False, norm=None, progress=None):
     """Concatenated fp32 logits and labels over a whole loader, in loader order."""
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in (progress(loader) if progress else loader):
-        all_logits.append(forward(model, images, device, amp_dtype, channels_last).cpu())
+        all_logits.append(forward(model, images, device, amp_dtype, channels_last, norm).cpu())
         all_labels.append(torch.as_tensor(labels))
     return torch.cat(all_logits), torch.cat(all_labels)
 
@@ -63,11 +79,8 @@ class ImageFiles(Dataset):
 
     def __init__(self, paths, image_size):
         self.paths = [Path(p) for p in paths]
-        self.transform = transforms.Compose([
-            transforms.Resize(resize_size(image_size)),
-            transforms.CenterCrop(image_size),
-            transforms.PILToTensor(),
-        ])
+        self.transform = eval_crop(image_size)
+        self.min_side = resize_size(image_size)
         self.blank = torch.zeros(3, image_size, image_size, dtype=torch.uint8)
 
     def __len__(self):
@@ -75,14 +88,9 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i):
         try:
-            return self.transform(open_rgb(self.paths[i])), ""
+            return self.transform(open_rgb(self.paths[i], min_side=self.min_side)), ""
         except Exception as e:  # Pillow raises many kinds for broken files
             return self.blank, why_unreadable(self.paths[i], e)
-
-
-def normalize(images, mean, std):
-    """uint8 batch -> the float input ToTensor + Normalize would give (the same arithmetic)."""
-    return images.float().div_(255).sub_(mean).div_(std)
 
 
 def inference_workers(choice, n_files, batch_size):
@@ -106,16 +114,12 @@ def classify_files(model, ckpt, paths, device, batch_size, precision="auto", wor
     model = model.eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    mean = torch.tensor(ckpt["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(ckpt["std"], device=device).view(1, -1, 1, 1)
+    norm = norm_tensors(ckpt["mean"], ckpt["std"], device)
     loader = make_loader(ImageFiles(paths, size), batch_size, workers=inference_workers(workers, len(paths), batch_size),
                          pin_memory=device.type == "cuda")
     all_logits, errors = [torch.empty(0, ckpt["num_classes"])], []
     # The bar shows only on a terminal (disable=None), so logs and CSVs stay clean.
     for images, batch_errors in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
-        images = images.to(device, non_blocking=True)
-        if channels_last:  # converted as uint8: a quarter of the bytes to move
-            images = images.contiguous(memory_format=torch.channels_last)
-        all_logits.append(forward(model, normalize(images, mean, std), device, amp_dtype).cpu())
+        all_logits.append(forward(model, images, device, amp_dtype, channels_last, norm).cpu())
         errors += batch_errors
     return torch.cat(all_logits), errors

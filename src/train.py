@@ -30,11 +30,10 @@ from src.checkpoint import (describe, fingerprint, load_resume, rng_state, save_
                             weights)
 from src.classes import CLASS_INDEX, MANIFEST, load_class_names, read_manifest
 from src.common import UserError, read_json, run_stage, write_json, write_text
-from src.data import (ImageListDataset, default_workers, eval_transform,
-                      make_loader, resize_size, rows_for, train_transform)
+from src.data import ImageListDataset, default_workers, eval_crop, make_loader, resize_size, rows_for, train_transform
 from src.device import (autocast, configure, init_distributed, pick_device, pick_precision,
                         use_channels_last)
-from src.inference import predict_logits
+from src.inference import norm_tensors, predict_logits, to_input
 from src.networks import create_model, preprocessing, set_transfer_phase
 from src.params import load_params
 
@@ -49,7 +48,7 @@ KILL_AT = os.environ.get("RESNET_TL_TEST_KILL_AT")
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def load_data(params, class_names, norm, processes_per_machine=1):
+def load_data(params, class_names, device, processes_per_machine=1):
     data, cfg = params["data"], params["train"]
     rows = read_manifest()
     train_paths, train_labels = rows_for(rows, "train", class_names)
@@ -58,14 +57,20 @@ def load_data(params, class_names, norm, processes_per_machine=1):
     if cache == "auto":
         cache = len(train_paths) + len(val_paths) <= CACHE_LIMIT
     side = resize_size(data["image_size"])
-    train_set = ImageListDataset(train_paths, train_labels, train_transform(
-        data["image_size"], cfg["crop_scale"], cfg["hflip"], norm["mean"], norm["std"]), cache, side)
-    val_set = ImageListDataset(val_paths, val_labels, eval_transform(data["image_size"], norm["mean"], norm["std"]),
-                               cache, side)
-    # Cached images cost microseconds per sample: worker processes would only steal cores from training.
-    workers = cfg["workers"] if cfg["workers"] != "auto" else (
-        0 if cache else default_workers(processes_per_machine))
-    return train_set, val_set, workers
+    train_set = ImageListDataset(train_paths, train_labels,
+                                 train_transform(data["image_size"], cfg["crop_scale"], cfg["hflip"]), cache, side)
+    val_set = ImageListDataset(val_paths, val_labels, eval_crop(data["image_size"]), cache, side)
+    return train_set, val_set, loader_workers(cfg["workers"], cache, device, processes_per_machine)
+
+
+def loader_workers(choice, cached, device, processes_per_machine=1):
+    """Decoding/augmenting processes. With cached images and a CPU model, none: the model's
+    threads use every core, and a worker would only steal one. A GPU leaves the CPU idle, so
+    workers augment there even from the cache (a 224 px crop costs ~1 ms: one process can't
+    feed a GPU)."""
+    if choice != "auto":
+        return choice
+    return 0 if cached and device.type == "cpu" else default_workers(processes_per_machine)
 
 
 def make_optimizer(model, cfg):
@@ -101,7 +106,7 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, amp_dtype, channels_last,
-                    grad_clip, epoch, show_progress=True):
+                    norm, grad_clip, epoch, show_progress=True):
     model.train()
     # Sums stay on the device: reading them every batch would stall a GPU's queue.
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
@@ -111,10 +116,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
     for step, (images, labels) in enumerate(bar, 1):
         if KILL_AT == f"{epoch}:{step}":
             os.kill(os.getpid(), signal.SIGKILL)
-        images = images.to(device, non_blocking=True)
+        images = to_input(images, device, norm, channels_last)
         labels = labels.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
             logits = model(images)
             loss = criterion(logits, labels)
@@ -141,8 +144,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
     return loss_sum / seen, correct / seen
 
 
-def evaluate(model, loader, criterion, device, amp_dtype, channels_last):
-    logits, labels = predict_logits(model, loader, device, amp_dtype, channels_last)
+def evaluate(model, loader, criterion, device, amp_dtype, channels_last, norm):
+    logits, labels = predict_logits(model, loader, device, amp_dtype, channels_last, norm)
     return criterion(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
@@ -158,6 +161,7 @@ def main():
     channels_last = use_channels_last(cfg["channels_last"], device, params["data"]["image_size"])
     model = create_model(params, len(class_names)).to(device)
     norm = preprocessing(params)
+    norm_batch = norm_tensors(norm["mean"], norm["std"], device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dist.world_size > 1 and cfg["batch_size"] % dist.world_size:
@@ -167,7 +171,7 @@ def main():
     data_report = read_json(DATA_REPORT)
     run_fingerprint = fingerprint(params, [MANIFEST, CLASS_INDEX, DATA_REPORT], dist.world_size)
     resume = load_resume(RESUME_PATH, run_fingerprint)
-    train_set, val_set, workers = load_data(params, class_names, norm, dist.local_world_size)
+    train_set, val_set, workers = load_data(params, class_names, device, dist.local_world_size)
     pin = device.type == "cuda"
     batch_size = cfg["batch_size"] // dist.world_size
     generator = torch.Generator().manual_seed(params["seed"])
@@ -237,13 +241,13 @@ def main():
                 train_model = wrap(model_without_ddp)
             lr = optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler,
-                                                    scaler, device, amp_dtype, channels_last, cfg["grad_clip"],
-                                                    epoch, show_progress=dist.is_main)
+                                                    scaler, device, amp_dtype, channels_last, norm_batch,
+                                                    cfg["grad_clip"], epoch, show_progress=dist.is_main)
             # Every rank evaluates the whole (small) val set with identical weights, so all
             # ranks agree on early stopping without another collective.
             sync_buffers(model_without_ddp)
             val_loss, val_acc = evaluate(model_without_ddp, val_loader, criterion, device, amp_dtype,
-                                         channels_last)
+                                         channels_last, norm_batch)
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "lr": lr}
             history.append(row)

@@ -1,0 +1,75 @@
+"""The loaders' image path: the augmentation, uint8 batches normalised on the device, draft decoding."""
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from src.data import IMAGENET_MEAN, IMAGENET_STD, RandomResizedCropFlip, eval_crop, eval_transform, to_uint8_tensor
+from src.images import open_rgb
+from src.inference import norm_tensors, to_input
+
+
+def photo(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.BILINEAR)
+
+
+def test_whole_image_crop_is_a_plain_resize_and_flip_mirrors_it():
+    img = photo(96, 96)
+    whole = RandomResizedCropFlip(32, scale=(1, 1), ratio=(1, 1), hflip=0.0)(img)
+    assert whole.dtype == torch.uint8 and whole.shape == (3, 32, 32)
+    assert torch.equal(whole, to_uint8_tensor(img.resize((32, 32), Image.BILINEAR)))
+    flipped = RandomResizedCropFlip(32, scale=(1, 1), ratio=(1, 1), hflip=1.0)(img)
+    assert torch.equal(flipped, whole.flip(-1))
+
+
+def test_crops_follow_the_scale_and_ratio_ranges_and_the_torch_seed():
+    augment = RandomResizedCropFlip(32, scale=(0.2, 0.5), ratio=(3 / 4, 4 / 3))
+    torch.manual_seed(0)
+    boxes = [augment.crop_box(200, 150, torch.rand(10, 4).tolist()) for _ in range(500)]
+    for left, top, right, bottom in boxes:
+        assert 0 <= left < right <= 200 and 0 <= top < bottom <= 150
+        w, h = right - left, bottom - top
+        assert 0.2 * 0.97 <= w * h / (200 * 150) <= 0.5 * 1.03
+        assert 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
+    assert len(set(boxes)) > 400  # really random
+    img = photo(200, 150)
+    torch.manual_seed(1)
+    first = [augment(img) for _ in range(3)]
+    torch.manual_seed(1)
+    assert all(torch.equal(a, augment(img)) for a in first)  # resumable: torch's RNG state decides
+
+
+def test_impossible_crop_falls_back_to_a_centered_crop_within_the_ratio():
+    augment = RandomResizedCropFlip(16, scale=(2.0, 3.0), hflip=0.0)  # never fits: fallback
+    assert augment.crop_box(100, 20, torch.rand(10, 4).tolist()) == (36, 0, 63, 20)  # 27x20 ~ 4/3
+    assert augment.crop_box(30, 30, torch.rand(10, 4).tolist()) == (0, 0, 30, 30)
+
+
+def test_uint8_batch_normalised_on_the_device_equals_totensor_normalize():
+    images = [photo(120, 90, seed) for seed in range(4)]
+    expected = torch.stack([eval_transform(64)(img) for img in images])
+    batch = torch.stack([eval_crop(64)(img) for img in images])
+    assert batch.dtype == torch.uint8
+    got = to_input(batch, torch.device("cpu"), norm_tensors(IMAGENET_MEAN, IMAGENET_STD, "cpu"), channels_last=True)
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(got, expected, atol=1e-5)
+    floats = to_input(expected, torch.device("cpu"))  # an already-normalised float batch passes as is
+    assert torch.equal(floats, expected)
+
+
+def test_jpeg_decodes_at_reduced_size_only_as_far_as_min_side_allows(tmp_path):
+    path = tmp_path / "big.jpg"
+    photo(1600, 1200).save(path, quality=90)
+    assert open_rgb(path).size == (1600, 1200)
+    small = open_rgb(path, min_side=256)
+    assert small.size == (400, 300)  # 1/4 scale; 1/8 would be 150 px < 256
+    assert open_rgb(path, min_side=1000).size == (1600, 1200)
+    # The same picture: resized to the same size, the two agree closely.
+    reference = transforms.functional.resize(open_rgb(path), [300, 400])
+    diff = np.abs(np.asarray(small, dtype=float) - np.asarray(reference, dtype=float))
+    assert diff.mean() < 3
+    png = tmp_path / "big.png"
+    photo(1600, 1200).save(png)
+    assert open_rgb(png, min_side=256).size == (1600, 1200)  # only JPEGs have draft mode
