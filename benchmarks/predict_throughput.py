@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src import predict  # noqa: E402
 from src.checkpoint import save_checkpoint  # noqa: E402
 from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform  # noqa: E402
-from src.device import pick_precision, use_channels_last  # noqa: E402
-from src.inference import forward, load_trained_model  # noqa: E402
+from src.inference import forward, load_trained_model, prepare_for_inference  # noqa: E402
 from src.networks import build_model  # noqa: E402
 from src.params import load_params  # noqa: E402
 
@@ -79,11 +78,12 @@ def main():
         files = sorted((tmp / "images").iterdir())
 
         model, ckpt = load_trained_model(tmp / "model.pt", device)
-        amp_dtype = pick_precision(params["predict"]["precision"], device, args.size)
-        channels_last = use_channels_last("auto", device, args.size)
+        bare_model, amp_dtype, channels_last = prepare_for_inference(model, device, args.size,
+                                                                     params["predict"]["precision"])
         transform = eval_transform(args.size, ckpt["mean"], ckpt["std"])
         preloaded = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
-        bare_model = model.to(memory_format=torch.channels_last) if channels_last else model
+        if channels_last:
+            preloaded = preloaded.contiguous(memory_format=torch.channels_last)
 
         @torch.inference_mode()
         def bare():

@@ -46,7 +46,7 @@ def to_rgb(img):
         img = img.convert("RGBA")
         canvas = Image.new("RGBA", img.size, BACKGROUND + (255,))
         img = Image.alpha_composite(canvas, img)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
 
 
 def open_rgb(path, min_side=None):

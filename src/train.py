@@ -108,8 +108,10 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, amp_dtype, channels_last,
                     norm, grad_clip, epoch, show_progress=True):
     model.train()
-    # Sums stay on the device: reading them every batch would stall a GPU's queue.
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
+    # Sums stay on the device: reading them every batch would stall a GPU's queue (so would
+    # making a tensor from a Python number there: it waits for the queue to drain).
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct
+    seen = 0
     check_every = 1 if device.type == "cpu" else 50  # a non-finite check syncs a GPU
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
                disable=not show_progress)
@@ -129,15 +131,15 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        totals += torch.stack([loss.detach().double() * labels.size(0),
-                               (logits.argmax(1) == labels).sum().double(),
-                               torch.tensor(labels.size(0), dtype=torch.float64, device=device)])
+        totals += torch.stack([loss.detach().double() * labels.size(0), (logits.argmax(1) == labels).sum().double()])
+        seen += labels.size(0)
         if step % check_every == 0 or step == len(loader):
-            loss_sum, correct, seen = totals.tolist()
+            loss_sum, correct = totals.tolist()
             if not math.isfinite(loss_sum):
                 raise UserError(f"training diverged: loss is {loss_sum} at epoch {epoch}; lower train.lr, "
                                 f"or set train.precision=fp32 if it happens under bf16/fp16")
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+    totals = torch.cat([totals, torch.tensor([seen], dtype=torch.float64, device=device)])
     if torch_dist.is_initialized():
         torch_dist.all_reduce(totals)  # every rank's share of the epoch
     loss_sum, correct, seen = totals.tolist()
