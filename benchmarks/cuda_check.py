@@ -73,7 +73,7 @@ def main():
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=30, help="batches per measurement")
+    parser.add_argument("--steps", type=int, default=100, help="batches per measurement (one epoch)")
     parser.add_argument("--data", help="a folder of class sub-folders of images (default: generated JPEGs)")
     parser.add_argument("--workers", default="auto", help="loader processes (default: the stage's auto)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the model")
@@ -118,10 +118,10 @@ def main():
             if not paths:
                 sys.exit(f"cuda_check: no images under {args.data}")
         else:
-            paths = photo_like_jpegs(Path(tmp) / "images", batch * steps)
-        paths = paths[:batch * steps]
+            paths = photo_like_jpegs(Path(tmp) / "images", min(2048, batch * steps))
         classes = sorted({p.parent.name for p in paths})[:10]
         paths = [p for p in paths if p.parent.name in classes]
+        paths = (paths * (batch * steps // len(paths) + 1))[:batch * steps]  # one epoch = `steps` batches
         os.chdir(tmp)
         write_manifest(paths, classes)
         started = time.perf_counter()
@@ -136,7 +136,7 @@ def main():
         epoch(loader)  # the loader's first real epoch feeding the model
         real = steps * batch / timed(lambda: epoch(loader, 1), device)
     print(f"synthetic {synthetic:.0f} img/s | real loader + training {real:.0f} img/s | "
-          f"loader alone {loader_only:.0f} img/s ({workers} workers, {len(paths)} images, "
+          f"loader alone {loader_only:.0f} img/s ({workers} workers, {len(paths)} images per epoch, "
           f"cached: {train_set.images is not None}, caching took {prepare:.1f}s)")
     print(f"real/synthetic = {real / synthetic:.3f}" + (
         "   (loader-bound: more CPU cores or workers)" if loader_only < synthetic else ""))

@@ -189,13 +189,23 @@ def log_model(checkpoint, registered_name=None):
     example = np.zeros((2, 3, size, size), dtype=np.float32)
     with torch.inference_mode():
         output = model(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
-        model, name="model", signature=infer_signature(example, output), input_example=example,
-        serialization_format="pt2", registered_model_name=registered_name,
-        # Given explicitly: inferring them loads the model again in a subprocess.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"torchvision=={torchvision.__version__.split('+')[0]}",
-                          f"mlflow=={mlflow.__version__}"])
+    # An exported (pt2) graph keeps its weights on the device it was saved from, the CPU here,
+    # while MLflow validates the input example on a GPU when one is visible: it would fail.
+    previous = os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE")
+    os.environ["MLFLOW_DEFAULT_PREDICTION_DEVICE"] = "cpu"
+    try:
+        info = mlflow.pytorch.log_model(
+            model, name="model", signature=infer_signature(example, output), input_example=example,
+            serialization_format="pt2", registered_model_name=registered_name,
+            # Given explicitly: inferring them loads the model again in a subprocess.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"torchvision=={torchvision.__version__.split('+')[0]}",
+                              f"mlflow=={mlflow.__version__}"])
+    finally:
+        if previous is None:
+            del os.environ["MLFLOW_DEFAULT_PREDICTION_DEVICE"]
+        else:
+            os.environ["MLFLOW_DEFAULT_PREDICTION_DEVICE"] = previous
     mlflow.set_tag("model_uri", info.model_uri)
     return info.model_uri
 
