@@ -1,6 +1,6 @@
 """Predict throughput: the real predict path against two baselines, side by side.
 
-    python benchmarks/predict_throughput.py                 # 300 JPEGs of 256 px, resnet18 at 224 px
+    python benchmarks/predict_throughput.py                 # 1000 JPEGs of 256 px, resnet18 at 224 px
     python benchmarks/predict_throughput.py --images 500 --size 64 --stored 96
 
 Writes JPEGs and a randomly initialised, self-describing checkpoint to a temp folder, then times
@@ -54,7 +54,7 @@ def timed(fn):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--stored", type=int, default=256, help="side of the stored JPEGs in px")
     ap.add_argument("--size", type=int, default=224, help="model input size in px")
     ap.add_argument("--arch", default="resnet18")

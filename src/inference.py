@@ -1,8 +1,9 @@
 """Running a trained model: rebuild it from its checkpoint and push images through it.
 
 `classify_files` is the one path from image files to logits that evaluate, predict and the
-benchmark share: decoding in DataLoader workers, batched, inference_mode, bf16 and
-channels_last where the hardware gains from them, and a bad file never stops the others.
+benchmark share: decoding in DataLoader workers (or a thread on 2 CPUs), batched, BatchNorm
+folded into the convs, inference_mode, bf16 and channels_last where the hardware gains from
+them, and a bad file never stops the others.
 """
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

@@ -73,3 +73,11 @@ def test_jpeg_decodes_at_reduced_size_only_as_far_as_min_side_allows(tmp_path):
     png = tmp_path / "big.png"
     photo(1600, 1200).save(png)
     assert open_rgb(png, min_side=256).size == (1600, 1200)  # only JPEGs have draft mode
+
+
+def test_loader_workers_keep_a_gpu_fed_but_leave_cpu_cores_to_the_model():
+    from src.train import loader_workers
+    assert loader_workers("auto", True, torch.device("cpu")) == 0  # cached, CPU model: no process
+    assert loader_workers("auto", True, torch.device("cuda")) >= 1  # cached, GPU: augment in workers
+    assert loader_workers("auto", False, torch.device("cpu")) >= 1  # decoding from disk
+    assert loader_workers(3, True, torch.device("cpu")) == 3  # an explicit number wins
