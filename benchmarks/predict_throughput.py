@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src import predict  # noqa: E402
 from src.checkpoint import save_checkpoint  # noqa: E402
 from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform  # noqa: E402
-from src.inference import forward, load_trained_model, prepare_for_inference  # noqa: E402
+from src.inference import compiled, forward, load_trained_model, prepare_for_inference  # noqa: E402
 from src.networks import build_model  # noqa: E402
 from src.params import load_params  # noqa: E402
 
@@ -61,6 +61,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=None, help="default: predict.batch_size")
     ap.add_argument("--one-by-one", type=int, default=30, help="images the slow loop times (it is slow)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="predict with --compile true, and compile the bare model too")
     args = ap.parse_args()
     os.chdir(Path(__file__).resolve().parents[1])  # predict reads params.yaml from the repo root
     params = load_params()
@@ -84,16 +85,19 @@ def main():
         preloaded = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
         if channels_last:
             preloaded = preloaded.contiguous(memory_format=torch.channels_last)
+        if args.compile:
+            bare_model = compiled(bare_model, True, args.images)
 
         @torch.inference_mode()
-        def bare():
+        def bare():  # (a compiled model meets the last, smaller batch only once: timed after a warm-up)
             return torch.cat([forward(bare_model, preloaded[i:i + batch], device, amp_dtype, channels_last)
                               for i in range(0, len(preloaded), batch)])
 
         def real():
             with contextlib.redirect_stdout(io.StringIO()):
                 return predict.main([str(tmp / "images"), "--model", str(tmp / "model.pt"),
-                                     "--output", str(tmp / "out.csv"), "--batch-size", str(batch)])
+                                     "--output", str(tmp / "out.csv"), "--batch-size", str(batch),
+                                     "--compile", "true" if args.compile else "false"])
 
         slow_model, _ = load_trained_model(tmp / "model.pt", device)  # plain fp32, as the tutorial ran it
 
@@ -121,7 +125,8 @@ def main():
     rate = {"predict": args.images / best["predict"], "bare": args.images / best["bare"],
             "one-by-one": min(args.one_by_one, args.images) / best["one-by-one"]}
     print(f"{args.images} JPEGs of {args.stored} px -> {args.arch} at {args.size} px, batch {batch}, "
-          f"{amp_dtype or 'fp32'}, channels_last={channels_last}, {torch.get_num_threads()} threads, "
+          f"{amp_dtype or 'fp32'}, channels_last={channels_last}{', compiled' if args.compile else ''}, "
+          f"{torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs; best of {args.repeats}")
     for name, r in rate.items():
         print(f"  {name:<11} {r:8.1f} img/s")

@@ -113,6 +113,7 @@ SCHEMA = {
         "batch_size": integer(1),
         "precision": choice("auto", "fp32", "bf16"),
         "workers": either(choice("auto"), integer(0)),
+        "compile": choice("auto", True, False),
     },
     "mlflow": {
         "experiment": text,

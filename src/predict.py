@@ -125,6 +125,8 @@ def parse_args(argv, params):
     parser.add_argument("--format", choices=["csv", "json"], help="default: from --output's extension, else csv")
     parser.add_argument("--top-k", type=int, default=cfg["top_k"], help="classes per file (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=cfg["batch_size"], help="default: %(default)s")
+    parser.add_argument("--compile", choices=["auto", "true", "false"], default=str(cfg["compile"]).lower(),
+                        help="torch.compile the model (default: %(default)s; auto = from 10,000 files)")
     parser.add_argument("--picture", nargs="?", const="", metavar="PNG",
                         help="draw the images titled with their predictions: into PNG, or a window when "
                              "there is a display, else prediction.png")
@@ -148,8 +150,9 @@ def main(argv=None):
     files = expand_inputs(inputs)
     if not files:
         raise UserError(f"no image files in {' '.join(inputs)}; give image files, folders holding them, or globs")
+    compile_choice = {"auto": "auto", "true": True, "false": False}[args.compile]
     logits, errors = classify_files(model, ckpt, files, device, args.batch_size, cfg["precision"], cfg["workers"],
-                                    desc="predict")
+                                    compile_choice, desc="predict")
     rows = result_rows(files, logits, errors, ckpt["class_names"], args.top_k)
     fmt = output_format(args.format, args.output)
     text = to_json(rows) if fmt == "json" else to_csv(rows, min(args.top_k, ckpt["num_classes"]))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_project, python, run
+from conftest import env, make_project, python, run
 from src.checkpoint import save_checkpoint
 from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from src.inference import load_trained_model
@@ -47,8 +47,8 @@ def reference(model_path, path):
         return torch.softmax(model(x[None]), 1)[0]
 
 
-def predict(project, *args):
-    return run([python(), "-m", "src.predict", *map(str, args)], project, check=False)
+def predict(project, *args, **variables):
+    return run([python(), "-m", "src.predict", *map(str, args)], project, check=False, env={**env(), **variables})
 
 
 def test_folder_gives_one_correct_row_per_image(setup):
@@ -112,3 +112,24 @@ def test_no_images_is_one_line_error(setup):
     result = predict(project, empty, "--model", model)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "no image files" in result.stderr
+
+
+def test_compiled_model_gives_the_same_rows_and_a_missing_compiler_only_warns(setup, tmp_path):
+    project, model, images = setup
+    common = (images, "--model", model, "--batch-size", BATCH)
+    eager = predict(project, *common, "--compile", "false")
+    assert eager.returncode == 0, eager.stderr
+    expected = list(csv.DictReader(io.StringIO(eager.stdout)))
+    # A fresh inductor cache: really compiled here, not fetched from an earlier run.
+    fast = predict(project, *common, "--compile", "true", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+    assert fast.returncode == 0 and "torch.compile failed" not in fast.stderr, fast.stderr
+    assert list((tmp_path / "cache").rglob("*.so")), "nothing was compiled"
+    for got, want in zip(list(csv.DictReader(io.StringIO(fast.stdout))), expected, strict=True):
+        assert (got["file"], got["predicted"], got["class_2"]) == (want["file"], want["predicted"], want["class_2"])
+        assert float(got["probability"]) == pytest.approx(float(want["probability"]), abs=1e-4)
+    # No working C++ compiler (inductor's CPU backend needs one): a warning, then the eager model.
+    broken = predict(project, *common, "--compile", "true", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache2"),
+                     CXX="/nonexistent/c++")
+    assert broken.returncode == 0, broken.stderr
+    assert "warning: torch.compile failed" in broken.stderr
+    assert broken.stdout == eager.stdout
