@@ -86,7 +86,7 @@ def main():
         if channels_last:
             preloaded = preloaded.contiguous(memory_format=torch.channels_last)
         if args.compile:
-            bare_model = compiled(bare_model, True, args.images)
+            bare_model = compiled(bare_model, True, args.images, device)
 
         @torch.inference_mode()
         def bare():  # (a compiled model meets the last, smaller batch only once: timed after a warm-up)

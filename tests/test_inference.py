@@ -54,3 +54,12 @@ def test_one_batch_ahead_keeps_order_and_raises_what_the_producer_raised():
 
     with pytest.raises(OSError, match="disk gone"):
         list(one_batch_ahead(broken()))
+
+
+def test_compile_auto_only_for_big_folders_on_cpu():
+    from src.inference import COMPILE_MIN_FILES, compiled
+    model, cpu, cuda = nn.Linear(2, 2), torch.device("cpu"), torch.device("cuda")
+    assert compiled(model, "auto", COMPILE_MIN_FILES - 1, cpu) is None
+    assert compiled(model, "auto", COMPILE_MIN_FILES, cpu) is not None  # wrapped; compiles at the first call
+    assert compiled(model, "auto", 10 * COMPILE_MIN_FILES, cuda) is None  # decoding limits a GPU
+    assert compiled(model, True, 1, cpu) is not None and compiled(model, False, 10 ** 6, cpu) is None
