@@ -75,7 +75,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=100, help="batches per measurement (one epoch)")
     parser.add_argument("--data", help="a folder of class sub-folders of images (default: generated JPEGs)")
-    parser.add_argument("--workers", default="auto", help="loader processes (default: the stage's auto)")
+    parser.add_argument("--workers", default="auto", type=lambda v: v if v == "auto" else int(v),
+                        help="loader processes: auto (the stage's rule, the default) or a number")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the model")
     parser.add_argument("--cpu", action="store_true", help="run on CPU (a smoke test of this script)")
     args = parser.parse_args()
@@ -87,7 +88,7 @@ def main():
     cfg = params["train"]
     params["arch"], params["data"]["image_size"] = args.arch, args.image_size
     cfg.update(batch_size=args.batch_size, hflip=0.5, crop_scale=[0.08, 1.0], optimizer="sgd", lr=0.01,
-               workers=args.workers if args.workers == "auto" else int(args.workers))
+               workers=args.workers)
     configure(device, deterministic=False)  # cudnn.benchmark, TF32
     amp_dtype = pick_precision("auto", device, args.image_size)
     model = build_model(args.arch, 10).to(device).to(memory_format=torch.channels_last)

@@ -82,9 +82,9 @@ def main():
                          pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     # The bare loops' images: the same dataset, augmented and normalised once, held as one tensor.
     mean_std = preprocessing(params)
-    norm = norm_tensors(mean_std["mean"], mean_std["std"], device)
-    images = to_input(torch.stack([train_set[i][0] for i in range(len(train_set))]), torch.device("cpu"),
-                      norm_tensors(mean_std["mean"], mean_std["std"], "cpu"))
+    cpu_norm = norm_tensors(mean_std["mean"], mean_std["std"], "cpu")
+    norm = tuple(t.to(device) for t in cpu_norm)  # the stage's loop normalises on the device
+    images = to_input(torch.stack([train_set[i][0] for i in range(len(train_set))]), torch.device("cpu"), cpu_norm)
     labels = torch.tensor(train_set.labels)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)

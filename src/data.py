@@ -88,11 +88,10 @@ def eval_crop(image_size):
 
 
 def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """The tutorial's evaluation transform, float out: eval_crop + ToTensor + Normalize, per image."""
+    """The tutorial's evaluation transform, float out: eval_crop, then ToTensor's /255 and Normalize, per image."""
     return transforms.Compose([
-        transforms.Resize(resize_size(image_size)),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
+        eval_crop(image_size),
+        transforms.ConvertImageDtype(torch.float32),
         transforms.Normalize(mean, std),
     ])
 
