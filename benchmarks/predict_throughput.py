@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src import predict  # noqa: E402
 from src.checkpoint import save_checkpoint  # noqa: E402
 from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform  # noqa: E402
+from src.device import keep_freed_memory  # noqa: E402
 from src.inference import compiled, forward, load_trained_model, prepare_for_inference  # noqa: E402
 from src.networks import build_model  # noqa: E402
 from src.params import load_params  # noqa: E402
@@ -65,6 +66,7 @@ def main():
     args = ap.parse_args()
     os.chdir(Path(__file__).resolve().parents[1])  # predict reads params.yaml from the repo root
     params = load_params()
+    keep_freed_memory()  # as the stages do; before anything, so all three run with it
     batch = args.batch_size or params["predict"]["batch_size"]
     device = torch.device("cpu")
 

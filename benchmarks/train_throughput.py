@@ -26,7 +26,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.classes import load_class_names  # noqa: E402
 from src.data import make_loader  # noqa: E402
-from src.device import autocast, pick_device, pick_precision, use_channels_last  # noqa: E402
+from src.device import autocast, keep_freed_memory, pick_device, pick_precision, use_channels_last  # noqa: E402
 from src.inference import norm_tensors, to_input  # noqa: E402
 from src.networks import create_model, preprocessing  # noqa: E402
 from src.params import load_params  # noqa: E402
@@ -62,6 +62,7 @@ def main():
     parser.add_argument("--channels-last", choices=["auto", "true", "false"])
     args = parser.parse_args()
     params = load_params()
+    keep_freed_memory()  # as the stage does
     params["arch"] = args.arch or params["arch"]
     params["data"]["image_size"] = args.image_size or params["data"]["image_size"]
     cfg = params["train"]

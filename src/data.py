@@ -87,6 +87,13 @@ def eval_crop(image_size):
     ])
 
 
+def center_crop(pixels, size):
+    """CenterCrop (torchvision's rounding) of an HxWx3 uint8 array, as a CHW uint8 tensor: a view, no copy."""
+    height, width = pixels.shape[:2]
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return torch.from_numpy(pixels[top:top + size, left:left + size]).permute(2, 0, 1)
+
+
 def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The tutorial's evaluation transform, float out: eval_crop, then ToTensor's /255 and Normalize, per image."""
     return transforms.Compose([

@@ -22,7 +22,7 @@ from src import tracking
 from src.classes import check_same_classes, held_out_split, read_manifest
 from src.common import UserError, run_stage, write_json, write_text
 from src.data import rows_for
-from src.device import pick_device
+from src.device import keep_freed_memory, pick_device
 from src.figures import confusion_figure, image_grid, save_figure
 from src.inference import classify_files, load_trained_model
 from src.params import load_params
@@ -110,6 +110,7 @@ def per_class_report(metrics, class_names, worst=10):
 
 def main():
     matplotlib.use("Agg")  # files only: a stage never opens a window
+    keep_freed_memory()  # big batches reuse freed memory instead of faulting in fresh pages
     params = load_params()
     cfg = params["evaluate"]
     device = pick_device(params["train"]["device"])

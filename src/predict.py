@@ -23,7 +23,7 @@ import torch
 
 from src.classes import CLASS_INDEX, check_same_classes, held_out_split, read_manifest
 from src.common import UserError, run_stage, write_text
-from src.device import pick_device
+from src.device import keep_freed_memory, pick_device
 from src.images import is_image_name
 from src.inference import classify_files, load_trained_model
 from src.params import load_params
@@ -139,6 +139,7 @@ def parse_args(argv, params):
 
 
 def main(argv=None):
+    keep_freed_memory()  # big batches reuse freed memory instead of faulting in fresh pages
     params = load_params()
     args = parse_args(argv, params)
     cfg = params["predict"]

@@ -31,7 +31,7 @@ from src.checkpoint import (describe, fingerprint, load_resume, rng_state, save_
 from src.classes import CLASS_INDEX, MANIFEST, load_class_names, read_manifest
 from src.common import UserError, read_json, run_stage, write_json, write_text
 from src.data import ImageListDataset, default_workers, eval_crop, make_loader, resize_size, rows_for, train_transform
-from src.device import (autocast, configure, init_distributed, pick_device, pick_precision,
+from src.device import (autocast, configure, init_distributed, keep_freed_memory, pick_device, pick_precision,
                         use_channels_last)
 from src.inference import norm_tensors, predict_logits, to_input
 from src.networks import create_model, preprocessing, set_transfer_phase
@@ -152,6 +152,7 @@ def evaluate(model, loader, criterion, device, amp_dtype, channels_last, norm):
 
 
 def main():
+    keep_freed_memory()  # big batches reuse freed memory instead of faulting in fresh pages
     params = load_params()
     cfg = params["train"]
     device = pick_device(cfg["device"])

@@ -1,12 +1,18 @@
-"""The loaders' image path: the augmentation, uint8 batches normalised on the device, draft decoding."""
+"""The loaders' image path: the augmentation, uint8 batches normalised on the device, decoding."""
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
 
+from src import images
 from src.data import IMAGENET_MEAN, IMAGENET_STD, RandomResizedCropFlip, eval_crop, eval_transform, to_uint8_tensor
-from src.images import open_rgb
-from src.inference import norm_tensors, to_input
+from src.images import decode_rgb, open_rgb
+from src.inference import ImageFiles, norm_tensors, to_input
 
 
 def photo(width, height, seed=0):
@@ -47,16 +53,98 @@ def test_impossible_crop_falls_back_to_a_centered_crop_within_the_ratio():
     assert augment.crop_box(30, 30, torch.rand(10, 4).tolist()) == (0, 0, 30, 30)
 
 
-def test_uint8_batch_normalised_on_the_device_equals_totensor_normalize():
+@pytest.mark.parametrize("size", [64, 97])  # 64: pixels tiled 64 to a row; 97: 97 x 97 has no factor 2
+def test_uint8_batch_normalised_on_the_device_equals_totensor_normalize(size):
     images = [photo(120, 90, seed) for seed in range(4)]
-    expected = torch.stack([eval_transform(64)(img) for img in images])
-    batch = torch.stack([eval_crop(64)(img) for img in images])
+    expected = torch.stack([eval_transform(size)(img) for img in images])
+    batch = torch.stack([eval_crop(size)(img) for img in images])
     assert batch.dtype == torch.uint8
-    got = to_input(batch, torch.device("cpu"), norm_tensors(IMAGENET_MEAN, IMAGENET_STD, "cpu"), channels_last=True)
+    norm = norm_tensors(IMAGENET_MEAN, IMAGENET_STD, "cpu")
+    got = to_input(batch, torch.device("cpu"), norm, channels_last=True)
     assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(got, expected, atol=1e-5)
+    plain = to_input(batch.contiguous(memory_format=torch.channels_last), torch.device("cpu"), norm)
+    assert plain.is_contiguous() and torch.allclose(plain, expected, atol=1e-5)  # NCHW when not channels_last
     floats = to_input(expected, torch.device("cpu"))  # an already-normalised float batch passes as is
     assert torch.equal(floats, expected)
+
+
+def jpeg_variants(folder):
+    """name -> path: JPEGs of every kind decode_rgb meets, and a PNG."""
+    img = photo(300, 200)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    saves = {"plain.jpg": {}, "progressive.jpg": {"progressive": True}, "444.jpg": {"subsampling": 0},
+             "rotated.jpg": {"exif": exif}}
+    paths = {}
+    for name, options in saves.items():
+        paths[name] = folder / name
+        img.save(paths[name], quality=90, **options)
+    for name, mode in [("grey.jpg", "L"), ("cmyk.jpg", "CMYK")]:
+        paths[name] = folder / name
+        img.convert(mode).save(paths[name], quality=90)
+    paths["big.jpg"] = folder / "big.jpg"
+    photo(1600, 1200).save(paths["big.jpg"], quality=90)
+    paths["image.png"] = folder / "image.png"
+    img.save(paths["image.png"])
+    return paths
+
+
+def test_decode_rgb_gives_exactly_pillows_pixels_and_uses_simplejpeg_where_that_is_the_same(tmp_path, monkeypatch):
+    paths = jpeg_variants(tmp_path)
+    fast = []
+    real = images.simplejpeg.decode_jpeg
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", lambda data, **kw: fast.append(1) or real(data, **kw))
+    for name, path in paths.items():
+        fast.clear()
+        for min_side in (None, 256):
+            got = decode_rgb(path, min_side)
+            assert got.dtype == np.uint8 and got.flags.writeable
+            assert np.array_equal(got, np.asarray(open_rgb(path, min_side))), (name, min_side)
+        # simplejpeg for plain colour/grey JPEGs; Pillow for CMYK, EXIF rotation, draft scaling, PNG
+        expected = {"plain.jpg": 2, "progressive.jpg": 2, "444.jpg": 2, "grey.jpg": 2, "big.jpg": 1}.get(name, 0)
+        assert len(fast) == expected, name
+    assert decode_rgb(paths["rotated.jpg"]).shape == (300, 200, 3)  # upright, as open_rgb
+    broken = tmp_path / "truncated.jpg"
+    broken.write_bytes(paths["plain.jpg"].read_bytes()[:2000])
+    with pytest.raises(OSError, match="truncated"):
+        decode_rgb(broken)  # Pillow's error, as open_rgb gives
+
+
+def test_image_files_crop_exactly_as_the_eval_transform(tmp_path):
+    paths = []
+    for i, (w, h) in enumerate([(256, 256), (301, 256), (256, 333), (300, 200), (255, 257), (120, 90)]):
+        paths.append(tmp_path / f"{i}.jpg")
+        photo(w, h, seed=i).save(paths[-1], quality=90)
+    files = ImageFiles(paths, 224)
+    for i, path in enumerate(paths):
+        image, error = files[i]
+        assert error == "" and torch.equal(image, eval_crop(224)(open_rgb(path))), path.name
+
+
+def test_keeping_freed_memory_stops_page_faults_on_reused_batches():
+    script = """
+import resource, sys, torch
+from src.device import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):  # a few rounds for the heap to settle
+    x = torch.ones(64 << 20, dtype=torch.uint8); del x
+before = faults()
+for _ in range(4):
+    x = torch.ones(64 << 20, dtype=torch.uint8); del x
+print(applied, faults() - before)
+"""
+    results = {}
+    for mode in ("keep", "default"):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        applied, faults = out.stdout.split()
+        results[mode] = (applied == "True", int(faults))
+    if not results["keep"][0]:
+        pytest.skip("not glibc: nothing to change")
+    assert results["default"][1] > 4 * 16384 * 0.9  # every 64 MB block faulted in anew: 16,384 pages
+    assert results["keep"][1] < 1000  # reused
 
 
 def test_jpeg_decodes_at_reduced_size_only_as_far_as_min_side_allows(tmp_path):

@@ -1,9 +1,10 @@
 """The inference path's speed-ups change nothing in the answers."""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from src.inference import one_batch_ahead, prepare_for_inference
+from src.inference import ImageFiles, decoded_batches, prepare_for_inference
 from src.networks import build_model
 
 
@@ -44,16 +45,24 @@ def test_a_network_fx_cannot_trace_runs_unfolded():
     assert torch.equal(same(x), model(x))
 
 
-def test_one_batch_ahead_keeps_order_and_raises_what_the_producer_raised():
-    assert list(one_batch_ahead(iter(range(7)))) == list(range(7))
-    assert list(one_batch_ahead([])) == []
-
-    def broken():
-        yield 1
-        raise OSError("disk gone")
-
-    with pytest.raises(OSError, match="disk gone"):
-        list(one_batch_ahead(broken()))
+def test_threaded_batches_hold_every_file_in_order_laid_out_for_channels_last(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(40, 37), (37, 37), (80, 60), (37, 50), (64, 64), (45, 90), (37, 37)]):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1], quality=90)
+    (tmp_path / "broken.jpg").write_bytes(paths[0].read_bytes()[:300])
+    paths.insert(3, tmp_path / "broken.jpg")
+    files = ImageFiles(paths, 32)  # Resize to 37 px, then CenterCrop 32: some crop in place, some resize
+    batches = list(decoded_batches(files, 3, threads=2))
+    assert [len(images) for images, _ in batches] == [3, 3, 2]  # 8 files, batch 3: the last one smaller
+    images = torch.cat([images for images, _ in batches])
+    errors = [e for _, batch_errors in batches for e in batch_errors]
+    assert images.dtype == torch.uint8 and images.is_contiguous(memory_format=torch.channels_last)
+    assert [bool(e) for e in errors] == [False] * 3 + [True] + [False] * 4
+    for i, (image, error) in enumerate(files[k] for k in range(len(files))):
+        assert torch.equal(images[i], image) and errors[i] == error  # the same as one at a time
 
 
 def test_compile_auto_only_for_big_folders_on_cpu():
