@@ -2,10 +2,12 @@
 
     python benchmarks/predict_throughput.py                 # 1000 JPEGs of 256 px, resnet18 at 224 px
     python benchmarks/predict_throughput.py --images 500 --size 64 --stored 96
+    python benchmarks/predict_throughput.py --folder ../shared/datasets/hymenoptera   # your own photos
 
 Writes JPEGs and a randomly initialised, self-describing checkpoint to a temp folder, then times
-  predict   `src.predict.main` on the folder: listing, decoding (in workers), batching, the
-            model, the CSV: everything but starting Python
+  predict   `src.predict.main` on the folder: listing, loading the model, decoding (threads on
+            2 CPUs, worker processes on more), batching, the model, the CSV: everything but
+            starting Python
   bare      the same model, batch size, precision and memory format on tensors decoded and
             normalised beforehand: the ceiling for any predict path
   one-by-one the tutorial's loop: open one image, transform, model, softmax, next (fp32)
@@ -31,6 +33,7 @@ from src import predict  # noqa: E402
 from src.checkpoint import save_checkpoint  # noqa: E402
 from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform  # noqa: E402
 from src.device import keep_freed_memory  # noqa: E402
+from src.images import image_problem  # noqa: E402
 from src.inference import compiled, forward, load_trained_model, prepare_for_inference  # noqa: E402
 from src.networks import build_model  # noqa: E402
 from src.params import load_params  # noqa: E402
@@ -56,14 +59,17 @@ def timed(fn):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--folder", type=Path, help="predict these images (recursively) instead of written ones")
     ap.add_argument("--stored", type=int, default=256, help="side of the stored JPEGs in px")
     ap.add_argument("--size", type=int, default=224, help="model input size in px")
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--batch-size", type=int, default=None, help="default: predict.batch_size")
     ap.add_argument("--one-by-one", type=int, default=30, help="images the slow loop times (it is slow)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="predict with --compile true, and compile the bare model too")
     args = ap.parse_args()
+    if args.folder:
+        args.folder = args.folder.resolve()
     os.chdir(Path(__file__).resolve().parents[1])  # predict reads params.yaml from the repo root
     params = load_params()
     keep_freed_memory()  # as the stages do; before anything, so all three run with it
@@ -72,13 +78,22 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_images(tmp / "images", args.images, args.stored, np.random.default_rng(0))
+        folder = args.folder or tmp / "images"
+        if args.folder is None:
+            write_images(folder, args.images, args.stored, np.random.default_rng(0))
         torch.manual_seed(0)
         save_checkpoint(tmp / "model.pt", {
             "arch": args.arch, "num_classes": 10, "class_names": [f"class_{i}" for i in range(10)],
             "image_size": args.size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
             "model": build_model(args.arch, 10).state_dict()})
-        files = sorted((tmp / "images").iterdir())
+        listed = predict.expand_inputs([str(folder)])
+        files = [f for f in listed if image_problem(f) is None]
+        if not files:
+            raise SystemExit(f"no readable image files in {folder}")
+        if len(files) < len(listed):
+            print(f"(leaving out {len(listed) - len(files)} unreadable files)")
+        inputs = [str(folder)] if len(files) == len(listed) else [str(f) for f in files]
+        args.images = len(files)
 
         model, ckpt = load_trained_model(tmp / "model.pt", device)
         bare_model, amp_dtype, channels_last = prepare_for_inference(model, device, args.size,
@@ -97,7 +112,7 @@ def main():
 
         def real():
             with contextlib.redirect_stdout(io.StringIO()):
-                return predict.main([str(tmp / "images"), "--model", str(tmp / "model.pt"),
+                return predict.main([*inputs, "--model", str(tmp / "model.pt"),
                                      "--output", str(tmp / "out.csv"), "--batch-size", str(batch),
                                      "--compile", "true" if args.compile else "false"])
 
@@ -126,7 +141,8 @@ def main():
 
     rate = {"predict": args.images / best["predict"], "bare": args.images / best["bare"],
             "one-by-one": min(args.one_by_one, args.images) / best["one-by-one"]}
-    print(f"{args.images} JPEGs of {args.stored} px -> {args.arch} at {args.size} px, batch {batch}, "
+    source = f"{args.folder}'s {args.images} images" if args.folder else f"{args.images} JPEGs of {args.stored} px"
+    print(f"{source} -> {args.arch} at {args.size} px, batch {batch}, "
           f"{amp_dtype or 'fp32'}, channels_last={channels_last}{', compiled' if args.compile else ''}, "
           f"{torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs; best of {args.repeats}")

@@ -163,9 +163,9 @@ def decoded_batches(files, batch_size, threads):
     """(images, errors) per batch of an ImageFiles, each batch decoded by `threads` threads at once.
 
     The decoders release the GIL, so the threads run in parallel. Decoding while the model runs
-    (one batch ahead) was slower on 2 CPUs (resnet18 at 224 px: 0.90x of bare inference
-    against 0.94x): the model's threads keep both cores busy, and a decoder that preempts one of
-    them stalls the other at its next sync. Each thread copies its images into the batch while
+    (one batch ahead) was slower on 2 CPUs (decoding + resnet18 at 224 px: 0.90x of the model
+    alone, against 0.94x this way): the model's threads keep both cores busy, and a decoder
+    that preempts one of them stalls the other at its next sync. Each thread copies its images into the batch while
     they are still in its cache, as N x H x W x C: the layout channels_last wants.
     """
     with ThreadPoolExecutor(threads) as pool:
