@@ -2,7 +2,6 @@
 import hashlib
 import math
 import warnings
-
 from pathlib import Path
 
 import numpy as np
@@ -88,26 +87,35 @@ def draft_request(width, height, min_side):
 
 
 def decode_rgb(path, min_side=None):
-    """`open_rgb` as an H x W x 3 uint8 array: the same pixels, faster for most JPEGs.
+    """`open_rgb` as an H x W x 3 uint8 array: the same pixels, faster for most JPEGs
+    (`plain_jpeg_pixels`)."""
+    pixels = plain_jpeg_pixels(path, min_side)
+    return pixels if pixels is not None else np.array(open_rgb(path, min_side))  # writable, for torch
+
+
+def plain_jpeg_pixels(path, min_side=None):
+    """`open_rgb`'s pixels as an H x W x 3 uint8 array if `path` is a plain JPEG, else None.
 
     A JPEG that Pillow would decode at full size, in colour or grey, with no EXIF block (so
     nothing to rotate) goes to simplejpeg: the same libjpeg-turbo with the same settings
     (identical pixels; the tests compare them), 0.26 instead of 0.40 ms for a 256 px photo,
     and it holds no GIL, so two threads decode twice as fast. Everything else (PNG, CMYK,
-    EXIF, draft-scaled, broken files) takes Pillow's path.
+    EXIF, draft-scaled, broken files) is left to Pillow: None.
     """
-    if simplejpeg is not None:
-        data = Path(path).read_bytes()
-        if data[:3] == b"\xff\xd8\xff" and b"Exif\x00\x00" not in data:
-            try:
-                height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-                request = draft_request(width, height, min_side) if min_side else (width, height)
-                drafted = min(width // request[0], height // request[1]) >= 2  # Pillow's own rule
-                if colorspace in ("YCbCr", "Gray") and not drafted and width * height <= Image.MAX_IMAGE_PIXELS:
-                    return simplejpeg.decode_jpeg(data, colorspace="RGB")
-            except ValueError:  # a broken file: Pillow says what is wrong
-                pass
-    return np.array(open_rgb(path, min_side))  # a writable copy: torch.from_numpy warns on read-only arrays
+    if simplejpeg is None:
+        return None
+    data = Path(path).read_bytes()
+    if data[:3] != b"\xff\xd8\xff" or b"Exif\x00\x00" in data:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        request = draft_request(width, height, min_side) if min_side else (width, height)
+        drafted = min(width // request[0], height // request[1]) >= 2  # Pillow's own rule
+        if colorspace in ("YCbCr", "Gray") and not drafted and width * height <= Image.MAX_IMAGE_PIXELS:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except ValueError:  # a broken file: Pillow says what is wrong
+        pass
+    return None
 
 
 def check_image(path):
