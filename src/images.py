@@ -86,13 +86,6 @@ def draft_request(width, height, min_side):
     return math.ceil(width * scale), math.ceil(height * scale)
 
 
-def decode_rgb(path, min_side=None):
-    """`open_rgb` as an H x W x 3 uint8 array: the same pixels, faster for most JPEGs
-    (`plain_jpeg_pixels`)."""
-    pixels = plain_jpeg_pixels(path, min_side)
-    return pixels if pixels is not None else np.array(open_rgb(path, min_side))  # writable, for torch
-
-
 def plain_jpeg_pixels(path, min_side=None):
     """`open_rgb`'s pixels as an H x W x 3 uint8 array if `path` is a plain JPEG, else None.
 

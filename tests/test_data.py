@@ -11,7 +11,7 @@ from torchvision import transforms
 
 from src import images
 from src.data import IMAGENET_MEAN, IMAGENET_STD, RandomResizedCropFlip, eval_crop, eval_transform, to_uint8_tensor
-from src.images import decode_rgb, open_rgb
+from src.images import open_rgb, plain_jpeg_pixels
 from src.inference import ImageFiles, norm_tensors, to_input
 
 
@@ -67,6 +67,12 @@ def test_uint8_batch_normalised_on_the_device_equals_totensor_normalize(size):
     assert plain.is_contiguous() and torch.allclose(plain, expected, atol=1e-5)  # NCHW when not channels_last
     floats = to_input(expected, torch.device("cpu"))  # an already-normalised float batch passes as is
     assert torch.equal(floats, expected)
+
+
+def decode_rgb(path, min_side=None):
+    """What ImageFiles decodes: simplejpeg's pixels for a plain JPEG, else Pillow's."""
+    pixels = plain_jpeg_pixels(path, min_side)
+    return pixels if pixels is not None else np.array(open_rgb(path, min_side))
 
 
 def jpeg_variants(folder):
@@ -128,7 +134,7 @@ import resource, sys, torch
 from src.device import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(8):  # a few rounds for the heap to settle
+for _ in range(30):  # the heap grows for the first 6-9 rounds (small blocks land after the big one), then settles
     x = torch.ones(64 << 20, dtype=torch.uint8); del x
 before = faults()
 for _ in range(4):
