@@ -20,12 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import src  # noqa: E402,F401  (first: it sets the OpenMP spin count before torch loads)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from PIL import Image  # noqa: E402
+
 from src.classes import MANIFEST  # noqa: E402
 from src.data import IMAGENET_MEAN, IMAGENET_STD, make_loader  # noqa: E402
 from src.device import configure, pick_precision  # noqa: E402

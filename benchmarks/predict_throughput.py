@@ -23,11 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import src  # noqa: E402,F401  (first: it sets the OpenMP spin count before torch loads)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from src import predict  # noqa: E402
 from src.checkpoint import save_checkpoint  # noqa: E402

@@ -20,10 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import src  # noqa: E402,F401  (first: it sets the OpenMP spin count before torch loads)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
 from src.classes import load_class_names  # noqa: E402
 from src.data import make_loader  # noqa: E402
 from src.device import autocast, keep_freed_memory, pick_device, pick_precision, use_channels_last  # noqa: E402

@@ -78,20 +78,20 @@ def train_transform(image_size, crop_scale=(0.08, 1.0), hflip=0.5):
     return RandomResizedCropFlip(image_size, crop_scale, hflip=hflip)
 
 
-def eval_crop(image_size):
-    """Resize (256/224 of the size) + CenterCrop, uint8 out; normalised per batch."""
+def eval_crop(image_size, to_tensor=True):
+    """Resize (256/224 of the size) + CenterCrop, uint8 CHW tensor out (or the PIL image); normalised per batch."""
     return transforms.Compose([
         transforms.Resize(resize_size(image_size)),
         transforms.CenterCrop(image_size),
-        to_uint8_tensor,
+        *([to_uint8_tensor] if to_tensor else []),
     ])
 
 
 def center_crop(pixels, size):
-    """CenterCrop (torchvision's rounding) of an HxWx3 uint8 array, as a CHW uint8 tensor: a view, no copy."""
+    """CenterCrop (torchvision's rounding) of an H x W x 3 uint8 array: a view, no copy."""
     height, width = pixels.shape[:2]
     top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-    return torch.from_numpy(pixels[top:top + size, left:left + size]).permute(2, 0, 1)
+    return pixels[top:top + size, left:left + size]
 
 
 def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):

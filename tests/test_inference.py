@@ -1,10 +1,15 @@
 """The inference path's speed-ups change nothing in the answers."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from src.inference import ImageFiles, decoded_batches, prepare_for_inference
+from src.inference import BitsReLU, ImageFiles, decoded_batches, forward, prepare_for_inference
 from src.networks import build_model
 
 
@@ -45,6 +50,39 @@ def test_a_network_fx_cannot_trace_runs_unfolded():
     assert torch.equal(same(x), model(x))
 
 
+def test_bits_relu_gives_torch_relus_values_nan_and_inf_included():
+    special = torch.tensor([1.5, -2.0, 0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"),
+                            1e-40, -1e-40, 3e38, -3e38, 2.0 ** -126, -(2.0 ** -126)])
+    for x in (special.bfloat16(), torch.randn(4, 8, 5, 5).bfloat16(), torch.randn(100)):
+        want = torch.relu(x)
+        for inplace in (False, True):
+            given = x.clone()
+            got = BitsReLU(inplace)(given)
+            assert got.dtype == x.dtype and torch.equal(got.isnan(), want.isnan())
+            assert torch.equal(got[~want.isnan()], want[~want.isnan()])
+            assert (got.data_ptr() == given.data_ptr()) == inplace  # in place only when asked, as nn.ReLU
+            if not inplace:
+                assert torch.equal(given.isnan(), x.isnan()) and torch.equal(given[~x.isnan()], x[~x.isnan()])
+
+
+def test_bf16_inference_on_cpu_swaps_relus_and_gives_the_same_logits():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 5).eval()
+    cpu = torch.device("cpu")
+    fast, amp_dtype, channels_last = prepare_for_inference(model, cpu, 64, precision="bf16")
+    plain, _, _ = prepare_for_inference(model, cpu, 64, precision="fp32")
+    assert amp_dtype == torch.bfloat16
+    assert any(isinstance(m, BitsReLU) for m in fast.modules())
+    assert not any(type(m) is nn.ReLU for m in fast.modules())
+    assert not any(isinstance(m, BitsReLU) for m in (*model.modules(), *plain.modules()))  # the caller's: untouched
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    norm = (torch.full((1, 3, 1, 1), 1 / 60), torch.full((1, 3, 1, 1), -2.0))
+    with torch.inference_mode():
+        got = forward(fast, images, cpu, amp_dtype, channels_last, norm)
+        want = forward(plain.to(memory_format=torch.channels_last), images, cpu, amp_dtype, channels_last, norm)
+    assert torch.equal(got, want)
+
+
 def test_threaded_batches_hold_every_file_in_order_laid_out_for_channels_last(tmp_path):
     from PIL import Image
     rng = np.random.default_rng(0)
@@ -63,6 +101,17 @@ def test_threaded_batches_hold_every_file_in_order_laid_out_for_channels_last(tm
     assert [bool(e) for e in errors] == [False] * 3 + [True] + [False] * 4
     for i, (image, error) in enumerate(files[k] for k in range(len(files))):
         assert torch.equal(images[i], image) and errors[i] == error  # the same as one at a time
+
+
+def test_importing_the_project_shortens_openmp_spinning_unless_set():
+    root = Path(__file__).resolve().parents[1]
+    code = "import os, src, torch; print(os.environ['GOMP_SPINCOUNT'])"
+    for preset, want in ((None, "10000"), ("123", "123")):
+        env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+        if preset:
+            env["GOMP_SPINCOUNT"] = preset
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == [want]
 
 
 def test_compile_auto_only_for_big_folders_on_cpu():
