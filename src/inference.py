@@ -83,13 +83,14 @@ class BitsReLU(nn.ReLU):
         return bits.view(torch.bfloat16)
 
 
-COMPILE_MIN_FILES = 10_000
+COMPILE_MIN_FILES = 30_000
 
 
 def compiled(model, choice, n_files, device):
-    """The model under torch.compile when asked, else None. auto: on CPU from 10,000 files, which
-    repay compiling (resnet18 at 224 px, bf16, 2 cores: ~16 s to compile, 3 s from inductor's
-    on-disk cache, then 2.5 instead of 4.3 ms per image); never on a GPU, where decoding, not the
+    """The model under torch.compile when asked, else None. auto: on CPU from 30,000 files, which
+    repay compiling (resnet18 at 224 px, bf16, 2 cores: ~20 s to compile the first time, ~2.5 s
+    from inductor's on-disk cache after that, then ~2.4 instead of ~2.8 ms per image: ahead
+    from ~6,000 files once cached, from ~45,000 the first time); never on a GPU, where decoding, not the
     model, limits prediction (H100, 1797 files: 9.5 s eager, 22 s compiled). Freezing makes the
     weights constants that inductor folds and pre-packs (inference only)."""
     if choice is False or (choice == "auto" and (device.type != "cpu" or n_files < COMPILE_MIN_FILES)):
@@ -104,11 +105,9 @@ def norm_tensors(mean, std, device):
     return (1 / (255 * std)).to(device), (-mean / std).to(device)
 
 
-def to_input(images, device, norm=None, channels_last=False, dtype=torch.float32):
+def to_input(images, device, norm=None, channels_last=False):
     """A loader's batch as the model takes it: on the device, channels_last or not as asked,
-    and a uint8 batch (what this project's loaders yield) normalised there with `norm_tensors`,
-    computed in float32 and stored as `dtype` (bf16 for a model under bf16 autocast: the
-    numbers autocast's own cast would give, in half the bytes, and no cast in the model)."""
+    and a uint8 batch (what this project's loaders yield) normalised there with `norm_tensors`."""
     images = images.to(device, non_blocking=True)
     # Converted while still uint8: a quarter of the bytes to move.
     images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -116,21 +115,20 @@ def to_input(images, device, norm=None, channels_last=False, dtype=torch.float32
         return images
     scale, shift = norm
     if not channels_last:
-        return torch.addcmul(shift, images.float(), scale).to(dtype)  # (x / 255 - mean) / std: two passes, not four
+        return torch.addcmul(shift, images.float(), scale)  # (x / 255 - mean) / std: two passes, not four
     # In memory the batch is N x H x W x C: per-channel constants along a last dimension of 3
     # vectorise poorly, so the pixels are viewed 64 (or fewer) to a row and the constants tiled
     # to match: the same numbers, 0.05 instead of 0.09 ms per 224 px image.
     n, c, h, w = images.shape
     per_row = math.gcd(h * w, 64)
     rows = images.permute(0, 2, 3, 1).reshape(-1, c * per_row)
-    out = torch.empty(rows.shape, dtype=dtype, device=device)
-    torch.addcmul(shift.view(c).repeat(per_row), rows, scale.view(c).repeat(per_row), out=out)
+    out = torch.addcmul(shift.view(c).repeat(per_row), rows, scale.view(c).repeat(per_row))
     return out.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def forward(model, images, device, amp_dtype=None, channels_last=False, norm=None):
     """fp32 logits of one batch (uint8 batches are normalised with `norm` first)."""
-    images = to_input(images, device, norm, channels_last, amp_dtype or torch.float32)
+    images = to_input(images, device, norm, channels_last)
     with autocast(device, amp_dtype):
         return model(images).float()
 

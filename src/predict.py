@@ -126,7 +126,7 @@ def parse_args(argv, params):
     parser.add_argument("--top-k", type=int, default=cfg["top_k"], help="classes per file (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=cfg["batch_size"], help="default: %(default)s")
     parser.add_argument("--compile", choices=["auto", "true", "false"], default=str(cfg["compile"]).lower(),
-                        help="torch.compile the model (default: %(default)s; auto = from 10,000 files)")
+                        help="torch.compile the model (default: %(default)s; auto = from 30,000 files on CPU)")
     parser.add_argument("--picture", nargs="?", const="", metavar="PNG",
                         help="draw the images titled with their predictions: into PNG, or a window when "
                              "there is a display, else prediction.png")
