@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from src.inference import BitsReLU, ImageFiles, decoded_batches, forward, prepare_for_inference
+from src.fast_layers import BitsReLU, fold_normalization
+from src.inference import ImageFiles, decoded_batches, forward, norm_tensors, prepare_for_inference
 from src.networks import build_model
 
 
@@ -81,6 +82,39 @@ def test_bf16_inference_on_cpu_swaps_relus_and_gives_the_same_logits():
         got = forward(fast, images, cpu, amp_dtype, channels_last, norm)
         want = forward(plain.to(memory_format=torch.channels_last), images, cpu, amp_dtype, channels_last, norm)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0"])  # first convs: 7x7 stride 2 pad 3; 3x3 stride 2 pad 1
+def test_normalization_folded_into_the_first_conv_gives_the_same_logits_from_raw_pixels(arch):
+    mean, std, cpu = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.device("cpu")
+    torch.manual_seed(0)
+    model = build_model(arch, 5).eval()
+    for size in (64, 37):  # 37: odd, the bottom and right edges differ from the top and left
+        plain, _, _ = prepare_for_inference(model, cpu, size, precision="fp32")
+        folded, _, _ = prepare_for_inference(model, cpu, size, precision="fp32")
+        assert fold_normalization(folded, mean, std, size)
+        for shape in ((size, size), (size + 9, size + 4)):  # the size folded for, and another
+            images = torch.randint(0, 256, (2, 3, *shape), dtype=torch.uint8)
+            with torch.inference_mode():
+                want = forward(plain, images, cpu, norm=norm_tensors(mean, std, cpu))
+                got = forward(folded, images, cpu, norm=None)  # raw pixel values in
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_normalization_is_not_folded_where_the_input_feeds_more_than_a_plain_conv():
+    class TwoUses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3)) + x.mean((1, 2, 3))[:, None]
+
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    assert not fold_normalization(torch.fx.symbolic_trace(TwoUses()), mean, std, 8)
+    reflecting = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+    assert not fold_normalization(torch.fx.symbolic_trace(reflecting), mean, std, 8)
+    assert not fold_normalization(nn.Sequential(nn.Conv2d(3, 4, 3)), mean, std, 8)  # not traced: left alone
 
 
 def test_threaded_batches_hold_every_file_in_order_laid_out_for_channels_last(tmp_path):

@@ -1,0 +1,113 @@
+"""Inference-only rewrites of a traced model (`torch.fx.GraphModule`): the same function, less work.
+
+- `use_bits_relus`: ReLUs that compute on a bf16 tensor's bits (`BitsReLU`).
+- `fold_normalization`: Normalize folded into the first conv, so the model takes raw pixels
+  (`NormalizedInputConv`).
+Both change the graph module's own containers only: a model it was traced from keeps its layers.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BitsReLU(nn.ReLU):
+    """ReLU with the same values, computed on a bf16 tensor's bits as int16.
+
+    Read as int16, a bf16 value is at most -128 exactly when it is negative or -inf (sign bit
+    set, not a NaN), so threshold(bits, -128, 0) zeroes those and keeps the rest, NaNs
+    included (-0.0 comes out +0.0). torch 2.14's bf16 elementwise kernels on CPU are ~5x
+    slower than its int16 ones (27 against 5 ms for resnet18's first activation at batch 64):
+    resnet18 at 224 px on 2 cores went from 3.75 to 2.9 ms per image. Other dtypes, and a
+    model being compiled (inductor fuses a plain ReLU into the conv), get torch.relu.
+    """
+
+    def forward(self, x):
+        if x.dtype != torch.bfloat16 or torch.compiler.is_compiling():
+            return super().forward(x)
+        bits = x.view(torch.int16)
+        bits = torch.threshold_(bits, -128, 0) if self.inplace else torch.threshold(bits, -128, 0)
+        return bits.view(torch.bfloat16)
+
+
+def use_bits_relus(model):
+    """Every nn.ReLU of a graph module replaced by a BitsReLU (for bf16 on a CPU)."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.ReLU:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, BitsReLU(module.inplace))
+
+
+class NormalizedInputConv(nn.Module):
+    """conv(Normalize(x / 255)) for raw pixel values x (0..255), with Normalize folded in.
+
+    Normalize is x * a + s per channel (a = 1 / (255 std), s = -mean / std), so the conv of it
+    is conv(W * a, x) plus the conv of the constant image s. Inside the image that constant is
+    the same everywhere and joins the bias; near the edges the kernel also covers zero padding
+    (zeros of the normalised image, where the shift is missing), so those output rows and
+    columns get their own correction, computed once. The same function in exact arithmetic
+    (fp32: within 2e-6 of conv-after-Normalize), and the batch needs no normalising pass: on
+    2 CPUs, 0.03 instead of 0.12 ms per 224 px image.
+    """
+
+    def __init__(self, conv, mean, std, image_size):
+        super().__init__()
+        w = conv.weight.detach().double()
+        mean, std = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (mean, std))
+        self.shift = -mean / std
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.kernel_size = conv.kernel_size
+        self.w = w  # float64, for corrections at other input sizes
+        self.weight = nn.Parameter((w / (255 * std)).to(conv.weight.dtype), requires_grad=False)
+        inside = (w * self.shift).sum((1, 2, 3))  # the shift's contribution where no padding is covered
+        bias = conv.bias.detach().double() if conv.bias is not None else 0
+        self.bias = nn.Parameter((bias + inside).to(conv.weight.dtype), requires_grad=False)
+        self.size = (image_size, image_size)
+        self.register_buffer("edges", self.edge_correction(*self.size))
+
+    def edge_correction(self, height, width):
+        """What the output misses near the edges: conv(W, s) where the kernel covers padding,
+        zero elsewhere (exactly: only the edge strips of it are ever added)."""
+        constant = self.shift.expand(1, -1, height, width)
+        full = F.conv2d(constant, self.w, None, self.stride, self.padding, self.dilation)
+        return (full - (self.w * self.shift).sum((1, 2, 3)).view(1, -1, 1, 1)).float()
+
+    def edge_rows(self, out_size, in_size, dim):
+        """(first row after the top strip, first row of the bottom strip) along one dimension."""
+        k, s, p, d = self.kernel_size[dim], self.stride[dim], self.padding[dim], self.dilation[dim]
+        top = min(out_size, -(-p // s))  # rows whose kernel starts above the image
+        bottom = -(-(in_size + p - (k - 1) * d) // s)  # first row whose kernel ends below it
+        return top, max(top, min(out_size, bottom))
+
+    def forward(self, x):
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        edges = self.edges if tuple(x.shape[2:]) == self.size else self.edge_correction(*x.shape[2:]).to(y.device)
+        edges = edges.to(y.dtype)
+        top, bottom = self.edge_rows(y.shape[2], x.shape[2], 0)
+        left, right = self.edge_rows(y.shape[3], x.shape[3], 1)
+        y[:, :, :top] += edges[:, :, :top]
+        y[:, :, bottom:] += edges[:, :, bottom:]
+        y[:, :, top:bottom, :left] += edges[:, :, top:bottom, :left]
+        y[:, :, top:bottom, right:] += edges[:, :, top:bottom, right:]
+        return y
+
+
+def fold_normalization(model, mean, std, image_size):
+    """Fold Normalize(mean, std) into the first layer of a graph module when that layer is a
+    plain conv (zero padding, no groups) and the only user of the input; True when it did.
+    The model then takes raw pixel values (uint8 batches as floats) instead of normalised ones."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return False
+    inputs = [node for node in model.graph.nodes if node.op == "placeholder"]
+    if len(inputs) != 1 or len(inputs[0].users) != 1:
+        return False
+    first = next(iter(inputs[0].users))
+    conv = model.get_submodule(first.target) if first.op == "call_module" else None
+    if (type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros"
+            or isinstance(conv.padding, str) or conv.in_channels != len(mean)):
+        return False
+    folded = NormalizedInputConv(conv, mean, std, image_size)
+    if conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous():
+        folded = folded.to(memory_format=torch.channels_last)
+    parent, _, attr = first.target.rpartition(".")
+    setattr(model.get_submodule(parent), attr, folded)
+    return True
