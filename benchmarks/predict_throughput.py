@@ -154,7 +154,7 @@ def main():
           f"{os.cpu_count()} CPUs; best of {args.repeats}")
     for name, r in rate.items():
         print(f"  {name:<11} {r:8.1f} img/s")
-    print(f"predict / bare       = {rate['predict'] / rate['bare']:.2f}x  (target >= 0.9)")
+    print(f"predict / bare       = {rate['predict'] / rate['bare']:.3f}x  (target >= 0.9)")
     print(f"predict / one-by-one = {rate['predict'] / rate['one-by-one']:.2f}x  (target >= 5)")
     print(f"top-1 agreement with plain fp32: predict {agree_predict:.3f}, bare {agree_bare:.3f} "
           f"(random weights: near-ties flip easily)")
