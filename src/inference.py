@@ -3,7 +3,8 @@
 `classify_files` is the one path from image files to logits that evaluate, predict and the
 benchmark share: decoding in DataLoader workers (or threads on 2 CPUs), batched, BatchNorm
 folded into the convs, inference_mode, bf16 and channels_last where the hardware gains from
-them, and a bad file never stops the others.
+them, on a CPU Normalize folded into the first conv and bf16 ReLUs on the bits
+(`src.fast_layers`), and a bad file never stops the others.
 """
 import math
 import sys
@@ -137,8 +138,9 @@ class ImageFiles(Dataset):
     """(uint8 CHW image, "") per file, resized and center-cropped as eval_transform does, or
     (blank image, reason) for a file that can't be read, so one bad file never stops a loader.
 
-    Normalisation happens later, once per batch: uint8 crosses from the workers at a quarter
-    of float32's size, and one vectorised op beats a Normalize per image.
+    Normalisation happens later, once per batch (on a CPU, in the model's first conv): uint8
+    crosses from the workers at a quarter of float32's size, and one vectorised op beats a
+    Normalize per image.
     """
 
     def __init__(self, paths, image_size):
