@@ -58,9 +58,9 @@ class NormalizedInputConv(nn.Module):
         self.kernel_size = conv.kernel_size
         self.w = w  # float64, for corrections at other input sizes
         self.weight = nn.Parameter((w / (255 * std)).to(conv.weight.dtype), requires_grad=False)
-        inside = (w * self.shift).sum((1, 2, 3))  # the shift's contribution where no padding is covered
+        self.inside = (w * self.shift).sum((1, 2, 3))  # the shift's contribution where no padding is covered
         bias = conv.bias.detach().double() if conv.bias is not None else 0
-        self.bias = nn.Parameter((bias + inside).to(conv.weight.dtype), requires_grad=False)
+        self.bias = nn.Parameter((bias + self.inside).to(conv.weight.dtype), requires_grad=False)
         self.size = (image_size, image_size)
         self.register_buffer("edges", self.edge_correction(*self.size))
 
@@ -69,7 +69,7 @@ class NormalizedInputConv(nn.Module):
         zero elsewhere (exactly: only the edge strips of it are ever added)."""
         constant = self.shift.expand(1, -1, height, width)
         full = F.conv2d(constant, self.w, None, self.stride, self.padding, self.dilation)
-        return (full - (self.w * self.shift).sum((1, 2, 3)).view(1, -1, 1, 1)).float()
+        return (full - self.inside.view(1, -1, 1, 1)).float()
 
     def edge_rows(self, out_size, in_size, dim):
         """(first row after the top strip, first row of the bottom strip) along one dimension."""
