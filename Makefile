@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: install repro test ui
+.PHONY: install repro test test-fast test-avx2 ui
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -21,6 +21,14 @@ repro: install
 
 test: install
 	python -m pytest -q tests
+
+# The edit loop: everything but the tests that train through real dvc (under 3 minutes).
+test-fast: install
+	python -m pytest -q -m "not slow" tests
+
+# The whole suite as on a CPU without native bf16 (AVX2 only), on any x86 machine.
+test-avx2: install
+	RESNET_TL_NATIVE_BF16=0 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m pytest -q tests
 
 ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from src.common import UserError, atomic_path
+from src.common import UserError, atomic_path, first_line
 
 FORMAT = "resnet-tl/1"
 
@@ -29,7 +29,7 @@ def load_checkpoint(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a loadable weights file (refused with weights_only=True): "
-                        f"{str(e).splitlines()[0][:200]}") from None
+                        f"{first_line(e)}") from None
 
 
 def model_state(state):
@@ -88,7 +88,7 @@ def load_resume(path, run_fingerprint):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a file from an older format or a disk fault: train from scratch
-        print(f"train: ignoring unreadable {path} ({str(e).splitlines()[0][:120]}); starting fresh")
+        print(f"train: ignoring unreadable {path} ({first_line(e, 120)}); starting fresh")
         return None
     if state.get("fingerprint") != run_fingerprint:
         print(f"train: {path} belongs to other params or data; starting fresh")

@@ -11,7 +11,7 @@ import torch
 from src.common import UserError
 
 
-def pick_device(choice="auto"):
+def pick_device(choice="auto", param="train.device"):
     if choice == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -19,14 +19,25 @@ def pick_device(choice="auto"):
             return torch.device("mps")
         return torch.device("cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA GPU is visible; use auto or cpu")
+        raise UserError(f"{param}=cuda but no CUDA GPU is visible; use auto or cpu")
     if choice == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("train.device=mps but MPS is not available; use auto or cpu")
+        raise UserError(f"{param}=mps but MPS is not available; use auto or cpu")
     return torch.device(choice)
 
 
+# Set to 0 to treat this CPU as one without native bf16 (1: as one with it). torch's own check
+# reads the CPU's flags, so emulating an AVX2-only machine on a newer one takes this as well as
+# ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (`make test-avx2`).
+NATIVE_BF16_ENV = "RESNET_TL_NATIVE_BF16"
+
+
 def cpu_has_bf16():
-    """AVX512-BF16 or AMX: bf16 matmuls run natively and a train step is ~2x faster."""
+    """AVX512-BF16 or AMX: bf16 matmuls run natively, and bf16 pays on this CPU."""
+    forced = os.environ.get(NATIVE_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise UserError(f"{NATIVE_BF16_ENV}={forced!r} is not allowed; use 0, 1 or leave it unset")
     try:
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except AttributeError:

@@ -1,9 +1,10 @@
 """Stage `evaluate`: where the trained model succeeds and fails, on the test split.
 
 Writes
-  metrics/eval.json         flat metrics for `dvc metrics diff`: accuracy (top-1, top-5 with
-                            more than 5 classes), loss, calibration error, macro and weighted
-                            precision/recall/F1, and per class "f1/<class>", ...
+  metrics/eval.json         metrics for `dvc metrics diff`, under the split measured ("test", or
+                            "val" for a dataset without a test split): accuracy (top-1, top-5
+                            with more than 5 classes), loss, calibration error, macro and weighted
+                            precision/recall/F1, and per_class.<class>.f1, ...
   metrics/confusion.csv     one row per image (path, actual, predicted): the DVC confusion plot
   metrics/confusion.png     the confusion matrix with class names and counts
   metrics/misclassified.png the most confidently wrong images, with true and predicted labels
@@ -11,7 +12,6 @@ and logs the metrics into the training's MLflow run.
 """
 import csv
 import io
-import re
 from pathlib import Path
 
 import matplotlib
@@ -71,20 +71,18 @@ def classification_metrics(y_true, logits, class_names, bins):
     p, r = per_class["precision"], per_class["recall"]
     per_class["f1"] = ratio(2 * p * r, p + r)
 
-    metrics = {"test_images": int(n), "test_accuracy": float(tp.sum() / n)}
+    metrics = {"images": int(n), "accuracy": float(tp.sum() / n)}
     if n_classes > 5:
         top5 = np.argsort(-probs, axis=1)[:, :5]
-        metrics["test_top5_accuracy"] = float((top5 == y_true[:, None]).any(1).mean())
-    metrics["test_loss"] = float(-log_probs[torch.arange(n), torch.as_tensor(y_true)].mean())
+        metrics["top5_accuracy"] = float((top5 == y_true[:, None]).any(1).mean())
+    metrics["loss"] = float(-log_probs[torch.arange(n), torch.as_tensor(y_true)].mean())
     metrics["ece"] = expected_calibration_error(probs.max(1), y_pred == y_true, bins)
     for name, values in per_class.items():
         metrics[f"macro_{name}"] = float(values.mean())
         metrics[f"weighted_{name}"] = float((values * support).sum() / n)
-    # "f1/daisy": flat keys, so `dvc metrics diff` lists each class's change on its own line.
-    for i, cls in enumerate(class_names):
-        for name, values in per_class.items():
-            metrics[f"{name}/{cls}"] = float(values[i])
-        metrics[f"support/{cls}"] = int(support[i])
+    # Per class last, one entry per class: `dvc metrics diff` lists each class's change on its own line.
+    metrics["per_class"] = {cls: {**{name: float(values[i]) for name, values in per_class.items()},
+                                  "support": int(support[i])} for i, cls in enumerate(class_names)}
     return metrics, cm, probs
 
 
@@ -95,16 +93,12 @@ def confidently_wrong(paths, y_true, probs, limit):
     return wrong[np.argsort(-probs[wrong, y_pred[wrong]], kind="stable")][:limit]
 
 
-def mlflow_name(key):
-    """MLflow allows letters, digits, _ - . / and spaces in metric names; class names may hold more."""
-    return re.sub(r"[^\w\-./ ]", "_", key)
-
-
 def per_class_report(metrics, class_names, worst=10):
     lines = [f"{'class':>20}  precision  recall     f1  support   (lowest f1 first)"]
-    for cls in sorted(class_names, key=lambda c: metrics[f"f1/{c}"])[:worst]:
-        lines.append(f"{cls[:20]:>20}  {metrics[f'precision/{cls}']:9.3f}  {metrics[f'recall/{cls}']:6.3f}  "
-                     f"{metrics[f'f1/{cls}']:5.3f}  {metrics[f'support/{cls}']:7d}")
+    per_class = metrics["per_class"]
+    for cls in sorted(class_names, key=lambda c: per_class[c]["f1"])[:worst]:
+        m = per_class[cls]
+        lines.append(f"{cls[:20]:>20}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  {m['support']:7d}")
     return "\n".join(lines)
 
 
@@ -113,7 +107,7 @@ def main():
     keep_freed_memory()  # big batches reuse freed memory instead of faulting in fresh pages
     params = load_params()
     cfg = params["evaluate"]
-    device = pick_device(params["train"]["device"])
+    device = pick_device(cfg["device"], "evaluate.device")
     model, ckpt = load_trained_model(MODEL_PATH, device)
     class_names = ckpt["class_names"]
     check_same_classes(class_names)
@@ -130,7 +124,8 @@ def main():
                         f"fix or remove them and rerun `dvc repro`")
     y_true = np.asarray(labels)
     metrics, cm, probs = classification_metrics(y_true, logits, class_names, cfg["calibration_bins"])
-    write_json(EVAL_PATH, metrics)
+    # Keyed by the split measured, so `dvc exp show` and MLflow say which: test.accuracy or val.accuracy.
+    write_json(EVAL_PATH, {split: metrics})
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -140,7 +135,7 @@ def main():
     write_text(CONFUSION_PATH, buf.getvalue())
 
     save_figure(confusion_figure(cm, class_names, f"{split} split: {len(paths)} images, "
-                                 f"accuracy {metrics['test_accuracy']:.3f}"), CONFUSION_PNG)
+                                 f"accuracy {metrics['accuracy']:.3f}"), CONFUSION_PNG)
     worst = confidently_wrong(paths, y_true, probs, cfg["misclassified_images"])
     titles = [f"{Path(paths[i]).name}\ntrue: {class_names[y_true[i]]}\npredicted: {class_names[probs[i].argmax()]} "
               f"({probs[i].max():.0%})" for i in worst]
@@ -150,11 +145,11 @@ def main():
                                  f"{split} images"), MISCLASSIFIED_PNG)
 
     if ckpt.get("mlflow_run_id"):
-        tracking.log_evaluation(params, ckpt["mlflow_run_id"], {mlflow_name(k): v for k, v in metrics.items()},
+        tracking.log_evaluation(params, ckpt["mlflow_run_id"], split, metrics,
                                 artifacts=[CONFUSION_PATH, CONFUSION_PNG, MISCLASSIFIED_PNG])
     print(per_class_report(metrics, class_names))
-    top5 = f", top-5 {metrics['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in metrics else ""
-    print(f"evaluate: {split} accuracy {metrics['test_accuracy']:.4f}{top5}, macro F1 {metrics['macro_f1']:.4f}, "
+    top5 = f", top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else ""
+    print(f"evaluate: {split} accuracy {metrics['accuracy']:.4f}{top5}, macro F1 {metrics['macro_f1']:.4f}, "
           f"ECE {metrics['ece']:.4f} on {len(paths)} images -> {EVAL_PATH}, {CONFUSION_PNG}, {MISCLASSIFIED_PNG}")
 
 

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.fx.experimental.optimization import fuse
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from src.checkpoint import load_checkpoint
-from src.data import center_crop, default_workers, eval_crop, make_loader, resize_size
+from src.common import first_line
+from src.data import center_crop, default_workers, eval_crop, resize_size
 from src.device import autocast, cpu_count, pick_precision, use_channels_last
 from src.fast_layers import fold_normalization, use_bits_relus
 from src.images import image_problem, open_rgb, plain_jpeg_pixels
@@ -117,17 +118,6 @@ def forward(model, images, device, amp_dtype=None, channels_last=False, norm=Non
         return model(images).float()
 
 
-@torch.inference_mode()
-def predict_logits(model, loader, device, amp_dtype=None, channels_last=False, norm=None, progress=None):
-    """Concatenated fp32 logits and labels over a whole loader, in loader order."""
-    model.eval()
-    all_logits, all_labels = [], []
-    for images, labels in (progress(loader) if progress else loader):
-        all_logits.append(forward(model, images, device, amp_dtype, channels_last, norm).cpu())
-        all_labels.append(torch.as_tensor(labels))
-    return torch.cat(all_logits), torch.cat(all_labels)
-
-
 def why_unreadable(path, error):
     if not path.exists():
         return "no such file, folder or glob match"
@@ -143,11 +133,13 @@ class ImageFiles(Dataset):
     Normalize per image.
     """
 
-    def __init__(self, paths, image_size):
+    def __init__(self, paths, image_size, keep=False):
         self.paths = [Path(p) for p in paths]
         self.size, self.min_side = image_size, resize_size(image_size)
         self.resize_crop = eval_crop(image_size, to_tensor=False)
         self.blank = np.zeros((image_size, image_size, 3), np.uint8)
+        # keep=True: each crop is kept after its first decoding (training validates every epoch).
+        self.kept = [None] * len(self.paths) if keep else None
 
     def __len__(self):
         return len(self.paths)
@@ -158,6 +150,14 @@ class ImageFiles(Dataset):
 
     def pixels(self, i):
         """(H x W x 3 uint8 array, "") or (blank, reason): the item, as decoded, without torch."""
+        if self.kept is None:
+            return self.decode(i)
+        if self.kept[i] is None:
+            pixels, error = self.decode(i)
+            self.kept[i] = (np.ascontiguousarray(pixels), error)
+        return self.kept[i]
+
+    def decode(self, i):
         try:
             path = self.paths[i]
             pixels = plain_jpeg_pixels(path, min_side=self.min_side)
@@ -180,6 +180,16 @@ def inference_workers(choice, n_files, batch_size):
     return default_workers() if n_files > batch_size and cpu_count() > 2 else 0
 
 
+def batch_bounds(n, batch_size):
+    """(start, stop) of each batch. A lone last image joins the batch before it: on a CPU a batch
+    of one takes another kernel path, and an image's logits should not depend on where the batch
+    boundaries fall (training's validation and evaluate then agree image for image)."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [n]))
+
+
 def decoded_batches(files, batch_size, threads):
     """(images, errors) per batch of an ImageFiles, each batch decoded by `threads` threads at once.
 
@@ -192,8 +202,8 @@ def decoded_batches(files, batch_size, threads):
     wants.
     """
     with ThreadPoolExecutor(threads) as pool:
-        for start in range(0, len(files), batch_size):
-            n = min(batch_size, len(files) - start)
+        for start, stop in batch_bounds(len(files), batch_size):
+            n = stop - start
             batch, errors = np.empty((n, files.size, files.size, 3), np.uint8), [""] * n
             todo, lock = iter(range(n)), threading.Lock()
 
@@ -215,6 +225,8 @@ def classify_files(model, ckpt, paths, device, batch_size, precision="auto", wor
                    desc="classify"):
     """fp32 logits (one row per file, in order) and per-file errors ("" when fine).
 
+    `paths` is a list of files or an `ImageFiles`; `ckpt` gives image_size, mean, std and
+    num_classes (a checkpoint, or training's `describe`).
     The rows of unreadable files hold the logits of a blank image: callers skip them.
     """
     size = ckpt["image_size"]
@@ -224,22 +236,24 @@ def classify_files(model, ckpt, paths, device, batch_size, precision="auto", wor
     # the first conv it is gone. (A GPU does it in no time, and decoding limits it anyway.)
     if device.type == "cpu" and fold_normalization(model, ckpt["mean"], ckpt["std"], size):
         norm = None
-    files, workers = ImageFiles(paths, size), inference_workers(workers, len(paths), batch_size)
+    files = paths if isinstance(paths, ImageFiles) else ImageFiles(paths, size)
+    workers = inference_workers(workers, len(files), batch_size)
     if workers == 0:
         batches = decoded_batches(files, batch_size, cpu_count())
     else:
-        batches = make_loader(files, batch_size, workers=workers, pin_memory=device.type == "cuda")
-    fast = compiled(model, use_compile, len(paths), device)
+        batches = DataLoader(files, batch_sampler=[range(a, b) for a, b in batch_bounds(len(files), batch_size)],
+                             num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4)
+    fast = compiled(model, use_compile, len(files), device)
     all_logits, errors = [torch.empty(0, ckpt["num_classes"])], []
     # The bar shows only on a terminal (disable=None), so logs and CSVs stay clean.
-    for images, batch_errors in tqdm(batches, total=math.ceil(len(files) / batch_size), desc=desc, unit="batch",
-                                     leave=False, disable=None):
+    for images, batch_errors in tqdm(batches, total=len(batch_bounds(len(files), batch_size)), desc=desc,
+                                     unit="batch", leave=False, disable=None):
         # The last, smaller batch runs uncompiled: a new shape would mean compiling again.
         if fast is not None and len(images) == batch_size:
             try:
                 logits = forward(fast, images, device, amp_dtype, channels_last, norm)
             except Exception as e:  # no C++ compiler, an unsupported op, ...: the eager model still works
-                print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); "
+                print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e, 120)}); "
                       f"continuing without it", file=sys.stderr)
                 fast, logits = None, forward(model, images, device, amp_dtype, channels_last, norm)
         else:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from src.common import UserError
+from src.common import UserError, first_line
 
 
 def choice(*options):
@@ -101,6 +101,7 @@ SCHEMA = {
         "cache_images": choice("auto", True, False),
     },
     "evaluate": {
+        "device": choice("auto", "cuda", "mps", "cpu"),
         "batch_size": integer(1),
         "precision": choice("auto", "fp32", "bf16"),
         "workers": either(choice("auto"), integer(0)),
@@ -109,6 +110,7 @@ SCHEMA = {
     },
     "predict": {
         "input": text,
+        "device": choice("auto", "cuda", "mps", "cpu"),
         "top_k": integer(1),
         "batch_size": integer(1),
         "precision": choice("auto", "fp32", "bf16"),
@@ -163,7 +165,7 @@ def load_params(path="params.yaml"):
     except FileNotFoundError:
         raise UserError(f"{path} not found: run the stages from the repository root") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{path} is not valid YAML: {first_line(e)}") from None
     return validate(params)
 
 

@@ -143,7 +143,7 @@ def main(argv=None):
     params = load_params()
     args = parse_args(argv, params)
     cfg = params["predict"]
-    device = pick_device(params["train"]["device"])
+    device = pick_device(cfg["device"], "predict.device")
     model, ckpt = load_trained_model(args.model, device)
     inputs = args.inputs or [cfg["input"]]
     if "test" in inputs and CLASS_INDEX.exists():

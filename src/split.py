@@ -61,6 +61,28 @@ def find_files(raw):
     return found, ignored, ("pre-split" if presplit else "class folders")
 
 
+def class_folders(raw):
+    """Every class folder in data/raw (under train/, val/, test/ when pre-split), as paths."""
+    tops = [p for p in sorted(raw.iterdir()) if p.is_dir() and not hidden(p.name)]
+    if tops and all(SPLIT_DIRS.get(p.name.lower()) for p in tops) and any(
+            SPLIT_DIRS[p.name.lower()] == "train" for p in tops):
+        return [c for top in tops for c in sorted(top.iterdir()) if c.is_dir() and not hidden(c.name)]
+    return tops
+
+
+def unused_class_folders(raw, rows):
+    """Class folders that give no image to the manifest, each with why: empty, or all files skipped."""
+    used = {Path(r["path"]).relative_to(raw).parts[:2] for r in rows}
+    unused = []
+    for folder in class_folders(raw):
+        parts = folder.relative_to(raw).parts
+        if not any(key[:len(parts)] == parts for key in used):
+            n = sum(1 for f in folder.rglob("*") if f.is_file())
+            unused.append({"path": folder.as_posix(),
+                           "reason": f"no usable images ({n} files, all skipped or conflicting)" if n else "no files"})
+    return unused
+
+
 def cache_path():
     """Under the real project's .dvc/tmp (git-ignored scratch), also from a `dvc exp --temp` copy."""
     root = Path(os.environ.get("DVC_ROOT") or ".")
@@ -212,8 +234,11 @@ def main():
         "duplicates": sorted(sorted(paths) for paths in by_digest.values() if len(paths) > 1),
         "conflicting_labels": sorted(sorted(by_digest[d]) for d in conflicting),
         "moved_to_earlier_split": sorted(moved),
+        "unused_class_folders": unused_class_folders(RAW, rows),
     }
     write_json(REPORT, report)
+    for folder in report["unused_class_folders"]:
+        print(f"split: warning: class folder {folder['path']} has {folder['reason']}; it is not a class")
     print(f"split: {report['images']} across {len(classes)} classes; {len(skipped)} files skipped "
           f"(see {REPORT})")
 

@@ -224,8 +224,10 @@ def finish_training(metrics, history=(), checkpoint=None, artifacts=(), register
         log_model(checkpoint, register_model)
 
 
-def log_evaluation(params, run_id, metrics, artifacts=()):
-    """The evaluate stage's metrics and files (confusion matrix, ...), into the training's run."""
+def log_evaluation(params, run_id, split, metrics, artifacts=()):
+    """The evaluate stage's results, into the training's run: the headline numbers as metrics named
+    after the split (`test.accuracy`), per-class numbers as one table (`per_class_metrics.json`),
+    so the run's charts open on what decides, and the files (confusion matrix, ...)."""
     setup(params["mlflow"]["experiment"])
     try:
         mlflow.get_run(run_id)
@@ -234,6 +236,11 @@ def log_evaluation(params, run_id, metrics, artifacts=()):
         print(f"evaluate: MLflow run {run_id} is not in {tracking_uri()}; metrics not logged to MLflow")
         return
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({k: v for k, v in flatten(metrics).items()
+        mlflow.log_metrics({f"{split}.{k}": v for k, v in metrics.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        per_class = metrics.get("per_class") or {}
+        if per_class:
+            import pandas as pd
+            table = pd.DataFrame([{"class": name, **values} for name, values in per_class.items()])
+            mlflow.log_table(table, artifact_file="per_class_metrics.json")
         log_files(artifacts)

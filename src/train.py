@@ -12,6 +12,7 @@ Distributed: `torchrun --nproc_per_node=N -m src.train` trains with DistributedD
 train.batch_size stays the global batch (split across processes); rank 0 alone writes and logs.
 """
 import contextlib
+import copy
 import math
 import os
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
@@ -30,10 +32,10 @@ from src.checkpoint import (describe, fingerprint, load_resume, rng_state, save_
                             weights)
 from src.classes import CLASS_INDEX, MANIFEST, load_class_names, read_manifest
 from src.common import UserError, read_json, run_stage, write_json, write_text
-from src.data import ImageListDataset, default_workers, eval_crop, make_loader, resize_size, rows_for, train_transform
+from src.data import ImageListDataset, default_workers, make_loader, resize_size, rows_for, train_transform
 from src.device import (autocast, configure, init_distributed, keep_freed_memory, pick_device, pick_precision,
                         use_channels_last)
-from src.inference import norm_tensors, predict_logits, to_input
+from src.inference import ImageFiles, classify_files, norm_tensors, to_input
 from src.networks import create_model, preprocessing, set_transfer_phase
 from src.params import load_params
 
@@ -49,6 +51,11 @@ PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def load_data(params, class_names, device, processes_per_machine=1):
+    """(train dataset, val images and labels, loader workers).
+
+    The val images are read exactly as evaluate reads them (`ImageFiles`), so the val accuracy
+    that picks the best epoch is the one evaluate reports for these weights on the same split.
+    """
     data, cfg = params["data"], params["train"]
     rows = read_manifest()
     train_paths, train_labels = rows_for(rows, "train", class_names)
@@ -59,8 +66,8 @@ def load_data(params, class_names, device, processes_per_machine=1):
     side = resize_size(data["image_size"])
     train_set = ImageListDataset(train_paths, train_labels,
                                  train_transform(data["image_size"], cfg["crop_scale"], cfg["hflip"]), cache, side)
-    val_set = ImageListDataset(val_paths, val_labels, eval_crop(data["image_size"]), cache, side)
-    return train_set, val_set, loader_workers(cfg["workers"], cache, device, processes_per_machine)
+    val = (ImageFiles(val_paths, data["image_size"], keep=cache), torch.tensor(val_labels, dtype=torch.long))
+    return train_set, val, loader_workers(cfg["workers"], cache, device, processes_per_machine)
 
 
 def loader_workers(choice, cached, device, processes_per_machine=1):
@@ -146,9 +153,18 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
     return loss_sum / seen, correct / seen
 
 
-def evaluate(model, loader, criterion, device, amp_dtype, channels_last, norm):
-    logits, labels = predict_logits(model, loader, device, amp_dtype, channels_last, norm)
-    return criterion(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+def evaluate(model, info, val, device, batch_size):
+    """(val loss, val accuracy) through evaluate's own path (`classify_files`: its decoding, its
+    inference rewrites, its precision rule), on a copy so the training model keeps its state.
+    The loss is plain cross-entropy in float64, as evaluate reports it (no label smoothing)."""
+    files, labels = val
+    logits, errors = classify_files(copy.deepcopy(model), info, files, device, batch_size,
+                                    workers=0 if files.kept is not None else "auto", desc="validate")
+    bad = next((f"{path}: {error}" for path, error in zip(files.paths, errors) if error), None)
+    if bad:
+        raise UserError(f"{bad}; fix or remove it and rerun `dvc repro`")
+    loss = F.cross_entropy(logits.double(), labels).item()
+    return loss, (logits.argmax(1) == labels).double().mean().item()
 
 
 def main():
@@ -174,7 +190,7 @@ def main():
     data_report = read_json(DATA_REPORT)
     run_fingerprint = fingerprint(params, [MANIFEST, CLASS_INDEX, DATA_REPORT], dist.world_size)
     resume = load_resume(RESUME_PATH, run_fingerprint)
-    train_set, val_set, workers = load_data(params, class_names, device, dist.local_world_size)
+    train_set, val, workers = load_data(params, class_names, device, dist.local_world_size)
     pin = device.type == "cuda"
     batch_size = cfg["batch_size"] // dist.world_size
     generator = torch.Generator().manual_seed(params["seed"])
@@ -183,7 +199,6 @@ def main():
     lone_last = len(sampler or train_set) % batch_size == 1
     train_loader = make_loader(train_set, batch_size, shuffle=True, workers=workers, pin_memory=pin,
                                sampler=sampler, generator=generator, drop_last=lone_last)
-    val_loader = make_loader(val_set, cfg["batch_size"], workers=workers, pin_memory=pin)
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
     optimizer = make_optimizer(model, cfg)
@@ -220,7 +235,7 @@ def main():
         print(f"train: {params['arch']} on {device} ({PRECISION_NAMES[amp_dtype]}"
               f"{', channels_last' if channels_last else ''}"
               f"{f', {dist.world_size} processes' if dist.world_size > 1 else ''}), {len(train_set)} train / "
-              f"{len(val_set)} val images, {len(class_names)} classes")
+              f"{len(val[1])} val images, {len(class_names)} classes")
         if resume:
             print(f"train: resuming after epoch {resume['epoch']} from {RESUME_PATH}")
     checkpoint_info = describe(params, class_names, norm)
@@ -249,8 +264,7 @@ def main():
             # Every rank evaluates the whole (small) val set with identical weights, so all
             # ranks agree on early stopping without another collective.
             sync_buffers(model_without_ddp)
-            val_loss, val_acc = evaluate(model_without_ddp, val_loader, criterion, device, amp_dtype,
-                                         channels_last, norm_batch)
+            val_loss, val_acc = evaluate(model_without_ddp, checkpoint_info, val, device, cfg["batch_size"])
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "lr": lr}
             history.append(row)

@@ -13,6 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 PROJECT_FILES = ["src", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"]
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains or runs the pipeline through real dvc (`make test-fast` skips it)")
+
+
 # Tiny settings: the whole pipeline in seconds on 2 cores.
 TINY = {
     "data.image_size": 16,
@@ -105,3 +109,23 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tutorial_logits(model, ckpt, paths, batch_size=256):
+    """fp32 logits the tutorial's way: each image through the float eval transform (Resize,
+    CenterCrop, ToTensor, Normalize), then the plain model: an independent check of the fast path."""
+    import torch
+    from PIL import Image
+    from src.data import eval_transform
+
+    transform = eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"])
+    model.eval()
+    logits = []
+    with torch.inference_mode():
+        for start in range(0, len(paths), batch_size):
+            batch = []
+            for path in paths[start:start + batch_size]:
+                with Image.open(path) as img:
+                    batch.append(transform(img.convert("RGB")))
+            logits.append(model(torch.stack(batch)).float())
+    return torch.cat(logits)

@@ -2,9 +2,12 @@
 import json
 
 import mlflow
+import pytest
 import torch
 
 from conftest import python, run
+
+pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
 
 def test_torchrun_two_processes_match_single_process(project):

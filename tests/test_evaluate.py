@@ -9,10 +9,9 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-from conftest import make_project, python, run
-from src.data import ImageListDataset, eval_transform, make_loader
+from conftest import SHARED, make_project, python, run, tutorial_logits, write_image_folder
 from src.evaluate import classification_metrics
-from src.inference import load_trained_model, predict_logits
+from src.inference import load_trained_model
 
 # Seven classes (more than 5, so top-5 accuracy is reported), few tiny images: trains in seconds.
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu & co"]
@@ -44,19 +43,29 @@ def reference_ece(confidence, correct, bins):
 def sklearn_metrics(y_true, probs, class_names):
     labels = list(range(len(class_names)))
     y_pred = probs.argmax(1)
-    expected = {"test_images": len(y_true), "test_accuracy": skm.accuracy_score(y_true, y_pred),
-                "test_loss": skm.log_loss(y_true, probs, labels=labels),
+    expected = {"images": len(y_true), "accuracy": skm.accuracy_score(y_true, y_pred),
+                "loss": skm.log_loss(y_true, probs, labels=labels),
                 "ece": reference_ece(probs.max(1), y_pred == y_true, 15)}
     if len(class_names) > 5:
-        expected["test_top5_accuracy"] = skm.top_k_accuracy_score(y_true, probs, k=5, labels=labels)
+        expected["top5_accuracy"] = skm.top_k_accuracy_score(y_true, probs, k=5, labels=labels)
     for avg in ("macro", "weighted"):
         p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
         expected.update({f"{avg}_precision": p, f"{avg}_recall": r, f"{avg}_f1": f})
     p, r, f, s = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    for i, name in enumerate(class_names):
-        expected.update({f"precision/{name}": p[i], f"recall/{name}": r[i], f"f1/{name}": f[i],
-                         f"support/{name}": s[i]})
+    expected["per_class"] = {name: {"precision": p[i], "recall": r[i], "f1": f[i], "support": s[i]}
+                             for i, name in enumerate(class_names)}
     return expected
+
+
+def assert_same_metrics(got, expected, **tolerance):
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        if key == "per_class":
+            assert list(got[key]) == list(value)
+            for name in value:
+                assert got[key][name] == pytest.approx({k: float(v) for k, v in value[name].items()}, **tolerance)
+        else:
+            assert got[key] == pytest.approx(float(value), **tolerance), key
 
 
 @pytest.fixture(scope="module")
@@ -69,43 +78,46 @@ def evaluated(tmp_path_factory):
     return project
 
 
+@pytest.mark.slow
 def test_eval_json_equals_scikit_learn_on_the_same_predictions(evaluated):
     project = evaluated
     results = json.loads((project / "metrics/eval.json").read_text())
+    assert list(results) == ["test"]  # keyed by the split it measured
+    results = results["test"]
     with open(project / "metrics/confusion.csv", newline="") as f:
         confusion = list(csv.DictReader(f))
-    assert len(confusion) == results["test_images"] == len(CLASSES) * 4  # 25% of 14 per class
+    assert len(confusion) == results["images"] == len(CLASSES) * 4  # 25% of 14 per class
 
-    # The same predictions, computed here along the training's own validation path.
+    # The same predictions, computed here the tutorial's way (float transforms, plain fp32 model).
     model, ckpt = load_trained_model(project / "models/model.pt")
     assert ckpt["class_names"] == CLASSES
     paths = [project / r["path"] for r in confusion]
     y_true = np.array([CLASSES.index(r["actual"]) for r in confusion])
-    dataset = ImageListDataset(paths, y_true.tolist(), eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"]))
-    logits, _ = predict_logits(model, make_loader(dataset, 8), torch.device("cpu"))
-    probs = torch.softmax(logits.double(), 1).numpy()
+    probs = torch.softmax(tutorial_logits(model, ckpt, paths).double(), 1).numpy()
     assert [CLASSES[i] for i in probs.argmax(1)] == [r["predicted"] for r in confusion]
+    assert_same_metrics(results, sklearn_metrics(y_true, probs, CLASSES), rel=1e-5, abs=1e-6)
 
-    expected = sklearn_metrics(y_true, probs, CLASSES)
-    assert set(results) == set(expected)
-    for key, value in expected.items():
-        assert results[key] == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
-
-    # Logged into the training's MLflow run ("gnu & co" made MLflow-safe).
+    # Logged into the training's MLflow run: headline metrics named after the split, per class as a table.
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     run_metrics = mlflow.get_run(ckpt["mlflow_run_id"]).data.metrics
-    assert run_metrics["macro_f1"] == pytest.approx(results["macro_f1"])
-    assert run_metrics["f1/gnu _ co"] == pytest.approx(results["f1/gnu & co"])
+    assert run_metrics["test.macro_f1"] == pytest.approx(results["macro_f1"])
+    assert run_metrics["test.accuracy"] == pytest.approx(results["accuracy"])
+    assert not any("per_class" in key or "gnu" in key for key in run_metrics)
+    table = mlflow.artifacts.load_dict(f"runs:/{ckpt['mlflow_run_id']}/per_class_metrics.json")
+    rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
+    assert list(rows) == CLASSES and rows["gnu & co"]["f1"] == pytest.approx(results["per_class"]["gnu & co"]["f1"])
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(ckpt["mlflow_run_id"])}
-    assert {"confusion.png", "misclassified.png", "confusion.csv"} <= logged, logged
+    assert {"confusion.png", "misclassified.png", "confusion.csv", "per_class_metrics.json"} <= logged, logged
 
 
+@pytest.mark.slow
 def test_pictures_are_written(evaluated):
     for name in ("confusion.png", "misclassified.png"):
         with Image.open(evaluated / "metrics" / name) as img:
             assert img.format == "PNG" and img.width >= 400 and img.height >= 300
 
 
+@pytest.mark.slow
 def test_checkpoint_for_other_classes_is_refused(evaluated):
     index = evaluated / "data/class_indices.json"
     original = index.read_text()
@@ -125,9 +137,40 @@ def test_few_classes_have_no_top5_and_match_scikit_learn():
     y_true = rng.integers(0, 3, 50)
     y_true[:3] = 2  # every class present in the truth
     results, cm, probs = classification_metrics(y_true, logits, names, bins=10)
-    assert "test_top5_accuracy" not in results
+    assert "top5_accuracy" not in results
     assert cm.sum() == 50 and (cm.sum(1) == np.bincount(y_true, minlength=3)).all()
     expected = sklearn_metrics(y_true, probs, names)
     expected["ece"] = reference_ece(probs.max(1), probs.argmax(1) == y_true, 10)
-    for key, value in expected.items():
-        assert results[key] == pytest.approx(float(value), rel=1e-9, abs=1e-12), key
+    assert_same_metrics(results, expected, rel=1e-9, abs=1e-12)
+
+
+def train_then_evaluate(root, source, overrides):
+    project = make_project(root / "project", {"data.source": str(source), **overrides})
+    run(["dvc", "repro", "evaluate"], project)
+    train = json.loads((project / "metrics/train.json").read_text())
+    return train, json.loads((project / "metrics/eval.json").read_text())
+
+
+@pytest.mark.slow
+def test_train_best_val_accuracy_is_evaluates_val_accuracy(tmp_path):
+    """A pre-split folder without test/: evaluate measures val, with the weights train chose on val.
+    At 64 px, so CPUs with native bf16 take the bf16 path; the loss agreeing to 1e-9 shows that
+    every image got the same logits both times, not just the same share right."""
+    source = tmp_path / "photos"
+    write_image_folder(source / "train", per_class=16, size=40, seed=0)
+    write_image_folder(source / "val", per_class=6, size=40, seed=1)
+    train, evaluation = train_then_evaluate(tmp_path, source, {"data.image_size": 64, "train.epochs": 2,
+                                                               "train.batch_size": 16})
+    assert list(evaluation) == ["val"] and evaluation["val"]["images"] == 18
+    assert train["best_val_acc"] == evaluation["val"]["accuracy"]
+    assert train["best_val_loss"] == pytest.approx(evaluation["val"]["loss"], rel=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "flowers_dev").is_dir(), reason="no ../shared/datasets/flowers_dev here")
+def test_on_real_photos_train_and_evaluate_report_the_same_val_accuracy(tmp_path):
+    train, evaluation = train_then_evaluate(tmp_path, SHARED / "flowers_dev", {
+        "data.image_size": 64, "train.epochs": 1, "train.hflip": 0.5})
+    assert evaluation["val"]["images"] == 226
+    assert train["best_val_acc"] == evaluation["val"]["accuracy"]
+    assert train["best_val_loss"] == pytest.approx(evaluation["val"]["loss"], rel=1e-9)

@@ -3,6 +3,7 @@ import functools
 import hashlib
 import http.server
 import io
+import os
 import shutil
 import tarfile
 import threading
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import REPO, env, python, run, set_params
+from conftest import REPO, env, make_project, python, run, set_params, write_image_folder
 
 
 def stage(folder, module, overrides=None):
@@ -106,6 +107,23 @@ def test_local_folder_is_mirrored_without_touching_the_originals(tmp_path):
     original, copy = source / "photos/ants/a 1.png", tmp_path / "p/data/raw/ants/a 1.png"
     # Never a hard link: DVC write-protects (and, with link cache types, adopts) what it caches.
     assert original.stat().st_ino != copy.stat().st_ino and original.read_bytes() == copy.read_bytes()
+
+
+def test_dvc_keeps_one_copy_of_the_photos_beside_the_originals(tmp_path):
+    """After `dvc repro`, data/raw and DVC's cache are one set of files (hard links), the user's
+    photos are untouched and writable, and DVC sees nothing changed."""
+    source = write_image_folder(tmp_path / "photos", per_class=4)
+    project = make_project(tmp_path / "project", {"data.source": str(source)})
+    run(["dvc", "repro", "ingest"], project)
+    raw = sorted(p for p in (project / "data/raw").rglob("*") if p.is_file())
+    cached = {p.stat().st_ino: p for p in (project / ".dvc/cache/files/md5").rglob("*") if p.is_file()}
+    assert len(raw) == 12
+    for copy in raw:
+        original = source / copy.relative_to(project / "data/raw")
+        assert copy.stat().st_nlink == 2 and copy.stat().st_ino in cached  # one copy: workspace = cache
+        assert cached[copy.stat().st_ino].read_bytes() == original.read_bytes()
+        assert original.stat().st_nlink == 1 and os.access(original, os.W_OK)  # the photos stay the user's
+    assert "up to date" in run(["dvc", "status", "ingest"], project).stdout
 
 
 def test_missing_source_is_one_line(tmp_path):

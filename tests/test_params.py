@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from conftest import REPO, python, run, set_params
-from src.common import UserError
+from src.common import UserError, first_line
 from src.params import validate
 
 BAD = [
@@ -41,6 +41,7 @@ def test_validator_names_key_and_allowed_values(dotted, value, expected):
 # The list, each through the stage's real command (each costs a process start).
 @pytest.mark.parametrize("dotted, value, expected", [b for b in BAD if b[0] in (
     "train.optimizer", "train.batch_size", "train.learning_rate") or b[1] in (0, 32.5)])
+@pytest.mark.slow
 def test_bad_param_fails_before_data_loads(project, dotted, value, expected):
     set_params(project, {dotted: value})
     # No data exists in the fresh project: a message about the param (not about a missing
@@ -59,3 +60,10 @@ def test_unknown_top_level_key_through_dvc(project):
     assert result.returncode != 0
     assert "error: params.yaml: unknown key 'trian'; allowed here: arch, seed, data" in result.stderr + result.stdout
     assert not (project / "data" / "raw").exists()  # stopped at the first stage, before ingesting
+
+
+def test_error_messages_survive_exceptions_that_say_nothing():
+    assert first_line(ValueError("")) == "ValueError"
+    assert first_line(OSError("\n  \n")) == "OSError"
+    assert first_line(RuntimeError("\n  first\nsecond")) == "first"
+    assert first_line(RuntimeError("x" * 500), 120) == "x" * 120

@@ -114,6 +114,7 @@ def test_no_images_is_one_line_error(setup):
     assert result.stderr.strip().count("\n") == 0 and "no image files" in result.stderr
 
 
+@pytest.mark.slow
 def test_compiled_model_gives_the_same_rows_and_a_missing_compiler_only_warns(setup, tmp_path):
     project, model, images = setup
     common = (images, "--model", model, "--batch-size", BATCH)

@@ -1,5 +1,9 @@
 """Data and weights travel through a DVC remote: push, clone, pull, byte for byte."""
+import pytest
+
 from conftest import make_project, run, write_image_folder
+
+pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
 
 def tracked_files(root):

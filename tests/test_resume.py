@@ -8,12 +8,15 @@ import time
 
 import mlflow
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from conftest import env, make_project, run
 from src.checkpoint import fingerprint, load_checkpoint, load_resume, save_checkpoint
 from src.params import load_params
+
+pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
 
 def tiny_dataset(root, classes=3, per_class=30, size=20, seed=0):

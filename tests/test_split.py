@@ -122,6 +122,26 @@ def test_pre_split_without_val_takes_val_from_train(tmp_path):
     assert report(tmp_path / "p")["layout"] == "pre-split"
 
 
+def test_class_folders_that_give_no_images_are_named_in_the_report(tmp_path):
+    source = make_classes(tmp_path / "photos", {"a": 5, "b": 5})
+    (source / "empty class").mkdir()
+    (source / "all bad").mkdir()
+    (source / "all bad" / "broken.jpg").write_bytes(b"not a picture")
+    result = ingest_and_split(tmp_path / "p", source)
+    assert result.returncode == 0
+    assert report(tmp_path / "p")["unused_class_folders"] == [
+        {"path": "data/raw/all bad", "reason": "no usable images (1 files, all skipped or conflicting)"},
+        {"path": "data/raw/empty class", "reason": "no files"}]
+    assert "class folder data/raw/empty class has no files" in result.stdout
+    # Pre-split: a class folder empty in one split only is named with its split.
+    make_classes(tmp_path / "pre" / "train", {"a": 5, "b": 5})
+    make_classes(tmp_path / "pre" / "val", {"a": 2})
+    (tmp_path / "pre" / "val" / "b").mkdir()
+    assert ingest_and_split(tmp_path / "q", tmp_path / "pre").returncode == 0
+    assert report(tmp_path / "q")["unused_class_folders"] == [{"path": "data/raw/val/b", "reason": "no files"}]
+
+
+@pytest.mark.slow
 def test_bad_files_are_reported_and_every_good_one_trained_on(tmp_path):
     """Each bad case and each awkward mode in one dataset, through ingest, split, classes and train."""
     source = tmp_path / "my photos"
@@ -149,6 +169,7 @@ def test_bad_files_are_reported_and_every_good_one_trained_on(tmp_path):
 HYMENOPTERA = SHARED / "hymenoptera"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="no ../shared/datasets/hymenoptera here")
 def test_hymenoptera_keeps_its_split(tmp_path):
     project = make_project(tmp_path / "project", {"data.source": str(HYMENOPTERA), "data.image_size": 64,
@@ -167,7 +188,7 @@ def test_hymenoptera_keeps_its_split(tmp_path):
     assert json.loads((project / "data/class_indices.json").read_text()) == {"0": "ants", "1": "bees"}
     # No test/ here: evaluate and predict use the val images instead.
     val = [r["path"] for r in rows if r["split"] == "val"]
-    assert json.loads((project / "metrics/eval.json").read_text())["test_images"] == len(val) == 153
+    assert json.loads((project / "metrics/eval.json").read_text())["val"]["images"] == len(val) == 153
     with open(project / "data/predictions.csv", newline="", encoding="utf-8") as f:
         assert [row["file"] for row in csv.DictReader(f)] == val
 

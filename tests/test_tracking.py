@@ -53,7 +53,8 @@ def test_training_run_records_everything_and_logged_model_predicts_like_checkpoi
             tracking.log_epoch(row)
         tracking.finish_training({"best_val_acc": 0.5}, history, "models/model.pt", ["data/class_indices.json"],
                                  register_model="digits-classifier")
-    tracking.log_evaluation(params, run.info.run_id, {"test_accuracy": 0.75, "per_class": {"cross": 1.0}},
+    tracking.log_evaluation(params, run.info.run_id, "test",
+                            {"accuracy": 0.75, "per_class": {"cross": {"f1": 1.0, "support": 3}}},
                             ["models/model.pt.missing", "data/class_indices.json"])
 
     client = mlflow.MlflowClient()
@@ -62,7 +63,9 @@ def test_training_run_records_everything_and_logged_model_predicts_like_checkpoi
     expected_params = {k: str(v) for k, v in flatten(params).items()}
     assert logged.data.params == expected_params
     assert logged.data.tags["dataset_digest"] == digest
-    assert logged.data.metrics["test_accuracy"] == 0.75 and logged.data.metrics["per_class.cross"] == 1.0
+    assert logged.data.metrics["test.accuracy"] == 0.75 and not any("cross" in k for k in logged.data.metrics)
+    per_class = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/per_class_metrics.json")
+    assert per_class["columns"] == ["class", "f1", "support"] and per_class["data"] == [["cross", 1.0, 3]]
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_acc")] == [(1, 0.25), (2, 0.5)]
     dataset = logged.inputs.dataset_inputs[0].dataset
     assert dataset.name == params["data"]["source"] and dataset.digest == digest[:36]
@@ -95,7 +98,7 @@ def test_unreachable_tracking_server_fails_at_once_with_one_line(workspace, monk
         tracking.start_training_run(params, "digest")
     assert "\n" not in str(error.value) and "MLFLOW_TRACKING_URI" in str(error.value)
     with pytest.raises(UserError, match="unreachable"):
-        tracking.log_evaluation(params, "0" * 32, {"test_accuracy": 1.0})
+        tracking.log_evaluation(params, "0" * 32, "test", {"accuracy": 1.0})
     assert not (workspace / "mlflow.db").exists()
 
 
@@ -107,6 +110,7 @@ print(tracking.setup("race"))
 """
 
 
+@pytest.mark.slow
 def test_workers_creating_the_store_at_once_share_one_experiment(tmp_path):
     """What two `dvc queue start -j 2` workers do on their first run: no migration race, one experiment."""
     start = str(time.time() + 10)
@@ -125,6 +129,6 @@ def test_workers_creating_the_store_at_once_share_one_experiment(tmp_path):
 def test_evaluation_of_weights_trained_elsewhere_is_skipped_with_a_note(workspace, capsys):
     """e.g. `dvc pull`ed weights whose training run lives in another machine's store."""
     params = load_params(REPO / "params.yaml")
-    tracking.log_evaluation(params, "0" * 32, {"test_accuracy": 1.0})
+    tracking.log_evaluation(params, "0" * 32, "test", {"accuracy": 1.0})
     assert "not in" in capsys.readouterr().out
     assert mlflow.search_runs(experiment_names=[params["mlflow"]["experiment"]], output_format="list") == []

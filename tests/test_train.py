@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from conftest import python, run, set_params
+from conftest import python, run, set_params, tutorial_logits
 from src.classes import read_manifest
-from src.data import ImageListDataset, eval_transform, make_loader
-from src.device import cpu_has_bf16
-from src.inference import load_trained_model, predict_logits
+from src.common import UserError
+from src.device import cpu_has_bf16, pick_precision, use_channels_last
+from src.inference import load_trained_model
 from src.model import resnet18
 from src.train import make_optimizer, make_scheduler
 
@@ -24,11 +24,11 @@ def held_out_accuracy(project):
     rows = [r for r in read_manifest(project / "data/manifest.csv") if r["split"] != "train"]
     paths = [project / r["path"] for r in rows]
     labels = [ckpt["class_names"].index(r["label"]) for r in rows]
-    dataset = ImageListDataset(paths, labels, eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"]))
-    logits, targets = predict_logits(model, make_loader(dataset, 256), torch.device("cpu"))
-    return (logits.argmax(1) == targets).float().mean().item()
+    logits = tutorial_logits(model, ckpt, paths)
+    return (logits.argmax(1) == torch.tensor(labels)).float().mean().item()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16")
 def test_bf16_reaches_fp32_accuracy_on_the_sample(project):
     run(["dvc", "repro", "classes"], project)
@@ -75,3 +75,16 @@ def test_schedules():
     step = lrs({**CFG, "scheduler": "step", "warmup_epochs": 0})
     assert step == pytest.approx([0.1] * 4 + [0.01] * 4)
     assert lrs({**CFG, "scheduler": "none", "warmup_epochs": 0}) == pytest.approx([0.1] * 8)
+
+
+def test_native_bf16_switch_overrides_the_cpu_flags(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("RESNET_TL_NATIVE_BF16", "0")  # as on an AVX2-only CPU: fp32, NCHW
+    assert not cpu_has_bf16() and pick_precision("auto", cpu, 224) is None
+    assert not use_channels_last("auto", cpu, 224)
+    monkeypatch.setenv("RESNET_TL_NATIVE_BF16", "1")
+    assert pick_precision("auto", cpu, 224) == torch.bfloat16 and use_channels_last("auto", cpu, 224)
+    assert pick_precision("auto", cpu, 32) is None  # below 64 px bf16 doesn't pay on any CPU
+    monkeypatch.setenv("RESNET_TL_NATIVE_BF16", "yes")
+    with pytest.raises(UserError, match="RESNET_TL_NATIVE_BF16='yes' is not allowed; use 0, 1"):
+        cpu_has_bf16()

@@ -1,0 +1,81 @@
+"""dvc.yaml tells the truth: each stage depends on exactly the project code its script runs."""
+import ast
+import copy
+from pathlib import Path
+
+import yaml
+
+from conftest import REPO
+
+
+def project_imports(path):
+    """The src modules a file imports anywhere in it (top level or inside a function), as names."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name == "src" or a.name.startswith("src.")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "src":  # from src import tracking
+                found |= {f"src.{a.name}" for a in node.names}
+            elif node.module.startswith("src."):
+                found.add(node.module)
+    return found
+
+
+def module_file(name):
+    parts = name.split(".")
+    candidate = REPO.joinpath(*parts).with_suffix(".py")
+    return candidate if candidate.is_file() else REPO.joinpath(*parts, "__init__.py")
+
+
+def import_closure(module):
+    """Every project file that running `python -m <module>` executes: the module, what it imports,
+    directly or not, and the package's __init__.py."""
+    seen, todo = set(), [module, "src"]
+    while todo:
+        name = todo.pop()
+        path = module_file(name)
+        if path in seen:
+            continue
+        seen.add(path)
+        todo += sorted(project_imports(path))
+    return {p.relative_to(REPO).as_posix() for p in seen}
+
+
+def code_deps_mismatch(dvc_yaml):
+    """{stage: (missing from dvc.yaml, listed but never run)} for every stage whose code deps are off."""
+    wrong = {}
+    for name, stage in dvc_yaml["stages"].items():
+        words = stage["cmd"].split()
+        module = words[words.index("-m") + 1]
+        declared = {d for d in stage.get("deps", []) if d.startswith("src/")}
+        needed = import_closure(module)
+        if declared != needed:
+            wrong[name] = (sorted(needed - declared), sorted(declared - needed))
+    return wrong
+
+
+def dvc_yaml():
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def test_every_stage_depends_on_exactly_the_modules_it_imports():
+    assert code_deps_mismatch(dvc_yaml()) == {}
+
+
+def test_a_module_missing_from_a_stage_or_listed_in_vain_is_caught():
+    for stage, dep, extra in (("evaluate", "src/checkpoint.py", None), ("train", "src/tracking.py", None),
+                              ("ingest", None, "src/train.py")):
+        broken = copy.deepcopy(dvc_yaml())
+        deps = broken["stages"][stage]["deps"]
+        if dep:
+            deps.remove(dep)
+        if extra:
+            deps.append(extra)
+        assert code_deps_mismatch(broken) == {stage: ([dep] if dep else [], [extra] if extra else [])}
+
+
+def test_imports_inside_functions_count():
+    # tracking imports src.inference inside log_model: train runs it when it logs the model.
+    assert "src.inference" in project_imports(Path(REPO / "src/tracking.py"))
+    assert "src/fast_layers.py" in import_closure("src.tracking")
