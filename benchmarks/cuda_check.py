@@ -28,14 +28,14 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from src.classes import MANIFEST  # noqa: E402
+from src import runtime  # noqa: E402
 from src.data import IMAGENET_MEAN, IMAGENET_STD, make_loader  # noqa: E402
-from src.device import configure, pick_precision  # noqa: E402
+from src.device import Normalizer, RunSettings, configure, pick_precision  # noqa: E402
 from src.images import is_image_name  # noqa: E402
-from src.inference import norm_tensors  # noqa: E402
 from src.networks import build_model  # noqa: E402
 from src.params import load_params  # noqa: E402
-from src.train import PRECISION_NAMES, load_data, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
+from src.paths import MANIFEST  # noqa: E402
+from src.train import Trainer, load_data, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
 
 
 def photo_like_jpegs(root, count, seed=0):
@@ -82,6 +82,7 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also torch.compile the model")
     parser.add_argument("--cpu", action="store_true", help="run on CPU (a smoke test of this script)")
     args = parser.parse_args()
+    runtime.start()
     if not args.cpu and not torch.cuda.is_available():
         print("cuda_check: no CUDA GPU visible; nothing measured (use --cpu for a smoke test)")
         return
@@ -97,17 +98,17 @@ def main():
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss()
-    norm = norm_tensors(IMAGENET_MEAN, IMAGENET_STD, device)
+    run = RunSettings(device, amp_dtype, True, Normalizer(IMAGENET_MEAN, IMAGENET_STD, device))
     train_model = torch.compile(model) if args.compile else model
     batch, steps = args.batch_size, args.steps
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{args.arch} at {args.image_size} px, batch {batch}, {name}, {PRECISION_NAMES[amp_dtype]}, "
+    print(f"{args.arch} at {args.image_size} px, batch {batch}, {name}, {run.precision_name}, "
           f"channels_last{', compiled' if args.compile else ''}, torch {torch.__version__}")
 
     def epoch(batches, number=0):
         scheduler = make_scheduler(optimizer, {**cfg, "epochs": 1}, len(batches))
-        train_one_epoch(train_model, batches, criterion, optimizer, scheduler, scaler, device, amp_dtype,
-                        True, norm, 0.0, number, show_progress=False)
+        trainer = Trainer(criterion, optimizer, scheduler, scaler, 0.0)
+        train_one_epoch(train_model, batches, trainer, run, number, show_progress=False)
 
     # Synthetic: uint8 batches already on the device, the ceiling for this model and precision.
     x = torch.randint(0, 256, (batch, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)

@@ -31,10 +31,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from src import predict  # noqa: E402
+from src import predict, runtime  # noqa: E402
 from src.checkpoint import save_checkpoint  # noqa: E402
-from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform  # noqa: E402
-from src.device import keep_freed_memory  # noqa: E402
+from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_crop, eval_transform  # noqa: E402
 from src.images import image_problem  # noqa: E402
 from src.inference import compiled, forward, load_trained_model, prepare_for_inference  # noqa: E402
 from src.networks import build_model  # noqa: E402
@@ -74,7 +73,7 @@ def main():
         args.folder = args.folder.resolve()
     os.chdir(Path(__file__).resolve().parents[1])  # predict reads params.yaml from the repo root
     params = load_params()
-    keep_freed_memory()  # as the stages do; before anything, so all three run with it
+    runtime.start()  # as the stages do; before anything, so all three run with it
     batch = args.batch_size or params["predict"]["batch_size"]
     device = torch.device("cpu")
 
@@ -98,18 +97,18 @@ def main():
         args.images = len(files)
 
         model, ckpt = load_trained_model(tmp / "model.pt", device)
-        bare_model, amp_dtype, channels_last = prepare_for_inference(model, device, args.size,
-                                                                     params["predict"]["precision"])
-        transform = eval_transform(args.size, ckpt["mean"], ckpt["std"])
-        preloaded = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
-        if channels_last:
+        # bare: the very model predict runs (same rewrites and precision), on crops already in memory.
+        bare_model, run = prepare_for_inference(model, device, args.size, ckpt, params["predict"]["precision"])
+        preloaded = torch.stack([eval_crop(args.size)(Image.open(f).convert("RGB")) for f in files])
+        if run.channels_last:
             preloaded = preloaded.contiguous(memory_format=torch.channels_last)
+        transform = eval_transform(args.size, ckpt["mean"], ckpt["std"])
         if args.compile:
             bare_model = compiled(bare_model, True, args.images, device)
 
         @torch.inference_mode()
         def bare():  # (a compiled model meets the last, smaller batch only once: timed after a warm-up)
-            return torch.cat([forward(bare_model, preloaded[i:i + batch], device, amp_dtype, channels_last)
+            return torch.cat([forward(bare_model, preloaded[i:i + batch], run)
                               for i in range(0, len(preloaded), batch)])
 
         def real():
@@ -149,7 +148,7 @@ def main():
             "one-by-one": min(args.one_by_one, args.images) / best["one-by-one"]}
     source = f"{args.folder}'s {args.images} images" if args.folder else f"{args.images} JPEGs of {args.stored} px"
     print(f"{source} -> {args.arch} at {args.size} px, batch {batch}, "
-          f"{amp_dtype or 'fp32'}, channels_last={channels_last}{', compiled' if args.compile else ''}, "
+          f"{run.precision_name}, channels_last={run.channels_last}{', compiled' if args.compile else ''}, "
           f"{torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs; best of {args.repeats}")
     for name, r in rate.items():

@@ -28,11 +28,11 @@ import torch.nn as nn  # noqa: E402
 
 from src.classes import load_class_names  # noqa: E402
 from src.data import make_loader  # noqa: E402
-from src.device import autocast, keep_freed_memory, pick_device, pick_precision, use_channels_last  # noqa: E402
-from src.inference import norm_tensors, to_input  # noqa: E402
-from src.networks import create_model, preprocessing  # noqa: E402
+from src import runtime  # noqa: E402
+from src.device import pick_device  # noqa: E402
+from src.networks import create_model  # noqa: E402
 from src.params import load_params  # noqa: E402
-from src.train import PRECISION_NAMES, load_data, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
+from src.train import load_data, make_optimizer, make_trainer, run_settings, train_one_epoch  # noqa: E402
 
 
 def fresh_model(params, num_classes, device, channels_last):
@@ -41,11 +41,12 @@ def fresh_model(params, num_classes, device, channels_last):
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def bare_epoch(model, optimizer, criterion, images, labels, batch_size, device, amp_dtype):
+def bare_epoch(model, optimizer, criterion, images, labels, batch_size, run):
     model.train()
+    device = run.device
     for i in range(0, len(images), batch_size):
         x, y = images[i:i + batch_size].to(device, non_blocking=True), labels[i:i + batch_size].to(device)
-        with autocast(device, amp_dtype):
+        with run.autocast():
             loss = criterion(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -64,7 +65,7 @@ def main():
     parser.add_argument("--channels-last", choices=["auto", "true", "false"])
     args = parser.parse_args()
     params = load_params()
-    keep_freed_memory()  # as the stage does
+    runtime.start()  # as the stage does
     params["arch"] = args.arch or params["arch"]
     params["data"]["image_size"] = args.image_size or params["data"]["image_size"]
     cfg = params["train"]
@@ -75,8 +76,8 @@ def main():
     size = params["data"]["image_size"]
 
     device = pick_device(cfg["device"])
-    amp_dtype = pick_precision(cfg["precision"], device, size)
-    channels_last = use_channels_last(cfg["channels_last"], device, size)
+    run, _ = run_settings(params, device)
+    channels_last = run.channels_last
     class_names = load_class_names()
     started = time.perf_counter()
     train_set, _, workers = load_data(params, class_names, device)
@@ -84,10 +85,8 @@ def main():
     loader = make_loader(train_set, cfg["batch_size"], shuffle=True, workers=workers,
                          pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     # The bare loops' images: the same dataset, augmented and normalised once, held as one tensor.
-    mean_std = preprocessing(params)
-    cpu_norm = norm_tensors(mean_std["mean"], mean_std["std"], "cpu")
-    norm = tuple(t.to(device) for t in cpu_norm)  # the stage's loop normalises on the device
-    images = to_input(torch.stack([train_set[i][0] for i in range(len(train_set))]), torch.device("cpu"), cpu_norm)
+    cpu_run, _ = run_settings(params, torch.device("cpu"))
+    images = cpu_run.input(torch.stack([train_set[i][0] for i in range(len(train_set))]))
     labels = torch.tensor(train_set.labels)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -96,25 +95,20 @@ def main():
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
 
     stage_model = fresh_model(params, len(class_names), device, channels_last)
-    stage_opt = make_optimizer(stage_model, cfg)
-    stage_sched = make_scheduler(stage_opt, cfg, len(loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    trainer = make_trainer(stage_model, cfg, len(loader), run)
     bare_model = fresh_model(params, len(class_names), device, channels_last)
     bare_opt = make_optimizer(bare_model, cfg)
     fp32_model = fresh_model(params, len(class_names), device, False)
     fp32_opt = make_optimizer(fp32_model, cfg)
 
     runs = {
-        "stage": lambda epoch: train_one_epoch(stage_model, loader, criterion, stage_opt, stage_sched, scaler,
-                                               device, amp_dtype, channels_last, norm, cfg["grad_clip"], epoch,
-                                               show_progress=False),
-        "bare": lambda epoch: bare_epoch(bare_model, bare_opt, criterion, images, labels, cfg["batch_size"],
-                                         device, amp_dtype),
+        "stage": lambda epoch: train_one_epoch(stage_model, loader, trainer, run, epoch, show_progress=False),
+        "bare": lambda epoch: bare_epoch(bare_model, bare_opt, criterion, images, labels, cfg["batch_size"], run),
         "fp32": lambda epoch: bare_epoch(fp32_model, fp32_opt, criterion, images, labels, cfg["batch_size"],
-                                         device, None),
+                                         run._replace(amp_dtype=None)),
     }
     print(f"{params['arch']} at {size} px, batch {cfg['batch_size']}, {len(train_set)} images per epoch, "
-          f"{device} {PRECISION_NAMES[amp_dtype]}{' channels_last' if channels_last else ''}, "
+          f"{device} {run.precision_name}{' channels_last' if channels_last else ''}, "
           f"{torch.get_num_threads()} threads, loader workers {workers}, "
           f"images cached: {train_set.images is not None} (decoding took {prepare_seconds:.1f}s once)")
     for fn in runs.values():

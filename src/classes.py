@@ -3,12 +3,10 @@
 Names are sorted, so the same classes always get the same indices.
 """
 import csv
-from pathlib import Path
 
+from src import runtime
 from src.common import UserError, read_json, run_stage, write_json
-
-MANIFEST = Path("data/manifest.csv")
-CLASS_INDEX = Path("data/class_indices.json")
+from src.paths import CLASS_INDEX, MANIFEST
 
 
 def read_manifest(path=MANIFEST):
@@ -40,6 +38,7 @@ def check_same_classes(checkpoint_classes, path=CLASS_INDEX, what="this checkpoi
 
 
 def main():
+    runtime.start()
     names = sorted({row["label"] for row in read_manifest()})
     write_json(CLASS_INDEX, {str(i): name for i, name in enumerate(names)})
     print(f"classes: {len(names)} -> {CLASS_INDEX}")

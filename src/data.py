@@ -2,7 +2,7 @@
 
 The loaders yield uint8 images: a quarter of float32's bytes between worker processes, through
 pinned memory and to a GPU. They are normalised a batch at a time on the device
-(`src.inference.to_input`), where one vectorised op replaces a ToTensor + Normalize per image.
+(`src.device.Normalizer`), where one vectorised op replaces a ToTensor + Normalize per image.
 """
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from src.device import cpu_count
+from src.runtime import cpu_count
 from src.images import open_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,10 +35,9 @@ class RandomResizedCropFlip:
 
     The same sampling (area uniform in `scale`, log-uniform aspect ratio, 10 tries, then a
     center crop), but its random numbers come from one torch.rand call (seeded and resumed
-    with torch's RNG state) and crop + resize are one PIL call. Per image that is ~25 us
-    against ~115 us for the torchvision chain with ToTensor + Normalize at 32 px, and ~0.45 ms
-    against 0.75 ms at 224 px: the loader's share of a CPU training step, and what keeps a
-    GPU fed from few cores.
+    with torch's RNG state) and crop + resize are one PIL call: several times cheaper per image
+    than the torchvision chain with ToTensor + Normalize, which is the loader's share of a CPU
+    training step and what keeps a GPU fed from few cores.
     """
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5):
@@ -138,8 +137,7 @@ def shrink(img, side):
 
 def default_workers(processes_per_machine=1):
     """Decoding processes: the cores left after the training process(es), at most 16 each
-    (an H100 trains resnet50 at 224 px faster than 8 processes augment: measured 3,370 img/s
-    against 2,110 from 8 workers on 16 cores)."""
+    (a fast GPU trains resnet50 at 224 px faster than 8 processes augment)."""
     return min(16, max(1, cpu_count() // processes_per_machine - 1))
 
 

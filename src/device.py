@@ -1,14 +1,18 @@
-"""Where and in which precision to run: cuda, then mps, then cpu; bf16 where it pays."""
+"""Where and how tensors run: cuda, then mps, then cpu; bf16 and channels_last where they pay;
+how a uint8 batch becomes the model's input; torchrun's process group.
+
+`RunSettings` carries the per-run choices (device, autocast dtype, memory format, input scaling)
+through training, validation, evaluation and prediction as one object.
+"""
 import contextlib
-import ctypes
+import math
 import os
-import platform
-import sys
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Union
 
 import torch
 
 from src.common import UserError
+from src.runtime import cpu_count, native_bf16_override
 
 
 def pick_device(choice="auto", param="train.device"):
@@ -25,29 +29,21 @@ def pick_device(choice="auto", param="train.device"):
     return torch.device(choice)
 
 
-# Set to 0 to treat this CPU as one without native bf16 (1: as one with it). torch's own check
-# reads the CPU's flags, so emulating an AVX2-only machine on a newer one takes this as well as
-# ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (`make test-avx2`).
-NATIVE_BF16_ENV = "RESNET_TL_NATIVE_BF16"
-
-
 def cpu_has_bf16():
-    """AVX512-BF16 or AMX: bf16 matmuls run natively, and bf16 pays on this CPU."""
-    forced = os.environ.get(NATIVE_BF16_ENV, "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
-    if forced:
-        raise UserError(f"{NATIVE_BF16_ENV}={forced!r} is not allowed; use 0, 1 or leave it unset")
+    """AVX512-BF16 or AMX: bf16 matmuls run natively, and bf16 pays on this CPU.
+    RESNET_TL_NATIVE_BF16 overrides the CPU flags (`src.runtime`)."""
+    forced = native_bf16_override()
+    if forced is not None:
+        return forced
     try:
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except AttributeError:
         return False
 
 
-# Below 32 px a ResNet's stride-2 convs meet 1x1 feature maps, and oneDNN's bf16 kernels
-# (torch 2.14.1, CPU) then return NaN gradients now and then (seen at 16 px). Up to 32 px
-# bf16 and channels_last also don't pay on CPU (resnet18, batch 64, 2 cores: fp32 456 img/s,
-# bf16 434); from 64 px they do (fp32 189, bf16 + channels_last 279).
+# Below 32 px a ResNet's stride-2 convs meet 1x1 feature maps, and oneDNN's bf16 kernels then
+# return NaN gradients now and then (seen at 16 px). Up to 32 px bf16 and channels_last also
+# don't pay on CPU; from 64 px they do (benchmarks/README.md).
 CPU_FAST_PATH_MIN_SIZE = 64
 
 
@@ -68,27 +64,70 @@ def pick_precision(choice, device, image_size):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
-def autocast(device, dtype):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def use_channels_last(choice, device, image_size):
-    """channels_last speeds up convs on CUDA tensor cores, and oneDNN's CPU kernels by ~10%."""
+    """channels_last speeds up convs on CUDA tensor cores, and oneDNN's bf16 CPU kernels."""
     if choice == "auto":
-        # On CPU it pays with bf16 only (fp32 at 64 px: 171 img/s channels_last vs 189 NCHW).
+        # On CPU it pays with bf16 only: fp32 convs are slower in channels_last there.
         return device.type == "cuda" or (device.type == "cpu" and image_size >= CPU_FAST_PATH_MIN_SIZE
                                          and cpu_has_bf16())
     return bool(choice)
 
 
-def cpu_count():
-    """CPUs this process may use (a container's or taskset's limit, not the host's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+class Normalizer:
+    """ToTensor + Normalize(mean, std) for a whole uint8 batch, as one op: x * scale + shift."""
+
+    def __init__(self, mean, std, device):
+        std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale, self.shift = (1 / (255 * std)).to(device), (-mean / std).to(device)
+
+    def __call__(self, images):
+        if not images.is_contiguous(memory_format=torch.channels_last) or images.is_contiguous():
+            return torch.addcmul(self.shift, images.float(), self.scale)  # two passes, not four
+        # In memory a channels_last batch is N x H x W x C: per-channel constants along a last
+        # dimension of 3 vectorise poorly, so the pixels are viewed 64 (or fewer) to a row and
+        # the constants tiled to match (the same numbers, about twice as fast).
+        n, c, h, w = images.shape
+        per_row = math.gcd(h * w, 64)
+        rows = images.permute(0, 2, 3, 1).reshape(-1, c * per_row)
+        out = torch.addcmul(self.shift.view(c).repeat(per_row), rows, self.scale.view(c).repeat(per_row))
+        return out.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+class RawPixels(NamedTuple):
+    """The batch's 0..255 values as floats of `dtype` (exact in bf16), for a model that
+    normalises in its own first conv (`src.fast_layers.fold_normalization`)."""
+    dtype: torch.dtype = torch.float32
+
+    def __call__(self, images):
+        return images.to(self.dtype)
+
+
+class RunSettings(NamedTuple):
+    """Where and how one run's tensors go: device, autocast dtype (None: fp32), memory format,
+    and how uint8 batches become the model's input (`Normalizer` or `RawPixels`)."""
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    channels_last: bool
+    pixels: Union[Normalizer, RawPixels]
+
+    def input(self, images):
+        """A loader's batch as the model takes it: on the device, in the memory format, scaled.
+        A float batch (already normalised) passes unscaled."""
+        images = images.to(self.device, non_blocking=True)
+        # Converted while still uint8: a quarter of the bytes to move.
+        images = images.contiguous(memory_format=torch.channels_last if self.channels_last
+                                   else torch.contiguous_format)
+        return self.pixels(images) if images.dtype == torch.uint8 else images
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def precision_name(self):
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
 
 
 class Dist(NamedTuple):
@@ -135,20 +174,3 @@ def configure(device, deterministic):
         # TF32 matmuls on Ampere+ for the fp32 parts (loss, optimizer): ~free speed.
         torch.backends.cuda.matmul.allow_tf32 = not deterministic
         torch.backends.cudnn.allow_tf32 = not deterministic
-
-
-def keep_freed_memory():
-    """Let this process reuse the memory it frees instead of handing it back to the kernel.
-
-    glibc serves every block over 32 MB with a fresh mmap and unmaps it on free, so each
-    batch's activations (resnet18, batch 64, 224 px: 100 MB for the first layer alone) come
-    as new pages the kernel faults in and zeroes, every pass. Kept in the heap they are
-    reused: inference went from 4.5 to 3.2 ms per image on 2 cores. The price is that the
-    process keeps its peak memory until it exits, as a pipeline stage does anyway.
-    Returns whether it applied (glibc only; elsewhere nothing changes).
-    """
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))

@@ -18,20 +18,16 @@ import matplotlib
 import numpy as np
 import torch
 
-from src import tracking
+from src import runtime, tracking
 from src.classes import check_same_classes, held_out_split, read_manifest
 from src.common import UserError, run_stage, write_json, write_text
 from src.data import rows_for
-from src.device import keep_freed_memory, pick_device
+from src.device import pick_device
 from src.figures import confusion_figure, image_grid, save_figure
 from src.inference import classify_files, load_trained_model
 from src.params import load_params
+from src.paths import CONFUSION_CSV, CONFUSION_PNG, EVAL_METRICS, MISCLASSIFIED_PNG, MODEL
 
-MODEL_PATH = Path("models/model.pt")
-EVAL_PATH = Path("metrics/eval.json")
-CONFUSION_PATH = Path("metrics/confusion.csv")
-CONFUSION_PNG = Path("metrics/confusion.png")
-MISCLASSIFIED_PNG = Path("metrics/misclassified.png")
 
 
 def confusion_matrix(y_true, y_pred, n_classes):
@@ -104,11 +100,11 @@ def per_class_report(metrics, class_names, worst=10):
 
 def main():
     matplotlib.use("Agg")  # files only: a stage never opens a window
-    keep_freed_memory()  # big batches reuse freed memory instead of faulting in fresh pages
+    runtime.start()
     params = load_params()
     cfg = params["evaluate"]
     device = pick_device(cfg["device"], "evaluate.device")
-    model, ckpt = load_trained_model(MODEL_PATH, device)
+    model, ckpt = load_trained_model(MODEL, device)
     class_names = ckpt["class_names"]
     check_same_classes(class_names)
     rows = read_manifest()
@@ -125,14 +121,14 @@ def main():
     y_true = np.asarray(labels)
     metrics, cm, probs = classification_metrics(y_true, logits, class_names, cfg["calibration_bins"])
     # Keyed by the split measured, so `dvc exp show` and MLflow say which: test.accuracy or val.accuracy.
-    write_json(EVAL_PATH, {split: metrics})
+    write_json(EVAL_METRICS, {split: metrics})
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["path", "actual", "predicted"])
     for path, t, p in zip(paths, labels, probs.argmax(1)):
         writer.writerow([path, class_names[t], class_names[p]])
-    write_text(CONFUSION_PATH, buf.getvalue())
+    write_text(CONFUSION_CSV, buf.getvalue())
 
     save_figure(confusion_figure(cm, class_names, f"{split} split: {len(paths)} images, "
                                  f"accuracy {metrics['accuracy']:.3f}"), CONFUSION_PNG)
@@ -146,11 +142,11 @@ def main():
 
     if ckpt.get("mlflow_run_id"):
         tracking.log_evaluation(params, ckpt["mlflow_run_id"], split, metrics,
-                                artifacts=[CONFUSION_PATH, CONFUSION_PNG, MISCLASSIFIED_PNG])
+                                artifacts=[CONFUSION_CSV, CONFUSION_PNG, MISCLASSIFIED_PNG])
     print(per_class_report(metrics, class_names))
     top5 = f", top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else ""
     print(f"evaluate: {split} accuracy {metrics['accuracy']:.4f}{top5}, macro F1 {metrics['macro_f1']:.4f}, "
-          f"ECE {metrics['ece']:.4f} on {len(paths)} images -> {EVAL_PATH}, {CONFUSION_PNG}, {MISCLASSIFIED_PNG}")
+          f"ECE {metrics['ece']:.4f} on {len(paths)} images -> {EVAL_METRICS}, {CONFUSION_PNG}, {MISCLASSIFIED_PNG}")
 
 
 if __name__ == "__main__":

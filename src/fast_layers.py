@@ -15,10 +15,9 @@ class BitsReLU(nn.ReLU):
 
     Read as int16, a bf16 value is at most -128 exactly when it is negative or -inf (sign bit
     set, not a NaN), so threshold(bits, -128, 0) zeroes those and keeps the rest, NaNs
-    included (-0.0 comes out +0.0). torch 2.14's bf16 elementwise kernels on CPU are ~5x
-    slower than its int16 ones (27 against 5 ms for resnet18's first activation at batch 64):
-    resnet18 at 224 px on 2 cores went from 3.75 to 2.9 ms per image. Other dtypes, and a
-    model being compiled (inductor fuses a plain ReLU into the conv), get torch.relu.
+    included (-0.0 comes out +0.0). torch's bf16 elementwise kernels on CPU are several times
+    slower than its int16 ones, and ReLU is a large share of a ResNet's time. Other dtypes, and
+    a model being compiled (inductor fuses a plain ReLU into the conv), get torch.relu.
     """
 
     def forward(self, x):
@@ -45,8 +44,7 @@ class NormalizedInputConv(nn.Module):
     the same everywhere and joins the bias; near the edges the kernel also covers zero padding
     (zeros of the normalised image, where the shift is missing), so those output rows and
     columns get their own correction, computed once. The same function in exact arithmetic
-    (fp32: within 2e-6 of conv-after-Normalize), and the batch needs no normalising pass: on
-    2 CPUs, 0.03 instead of 0.12 ms per 224 px image.
+    (fp32: within 2e-6 of conv-after-Normalize), and the batch needs no normalising pass.
     """
 
     def __init__(self, conv, mean, std, image_size):

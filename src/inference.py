@@ -1,12 +1,11 @@
 """Running a trained model: rebuild it from its checkpoint and push images through it.
 
-`classify_files` is the one path from image files to logits that evaluate, predict and the
-benchmark share: decoding in DataLoader workers (or threads on 2 CPUs), batched, BatchNorm
-folded into the convs, inference_mode, bf16 and channels_last where the hardware gains from
+`classify_files` is the one path from image files to logits that evaluate, predict, training's
+validation and the benchmark share: decoding in DataLoader workers (or threads on 2 CPUs),
+batched, BatchNorm folded into the convs, inference_mode, bf16 and channels_last where the hardware gains from
 them, on a CPU Normalize folded into the first conv and bf16 ReLUs on the bits
 (`src.fast_layers`), and a bad file never stops the others.
 """
-import math
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -22,16 +21,17 @@ from tqdm import tqdm
 from src.checkpoint import load_checkpoint
 from src.common import first_line
 from src.data import center_crop, default_workers, eval_crop, resize_size
-from src.device import autocast, cpu_count, pick_precision, use_channels_last
+from src.device import Normalizer, RawPixels, RunSettings, pick_precision, use_channels_last
 from src.fast_layers import fold_normalization, use_bits_relus
 from src.images import image_problem, open_rgb, plain_jpeg_pixels
 from src.networks import build_model
+from src.runtime import cpu_count, inference_rewrites
 
 
 def load_trained_model(path, device="cpu"):
     """(model in eval mode, checkpoint metadata) from one of this project's checkpoints."""
     ckpt = load_checkpoint(path)
-    with torch.device("meta"):  # no random init of weights the checkpoint replaces (resnet152: 0.5 s)
+    with torch.device("meta"):  # no random init of weights the checkpoint replaces (slow for big networks)
         model = build_model(ckpt["arch"], ckpt["num_classes"])
     model.load_state_dict(ckpt["model"], assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer kept out of state_dicts
@@ -41,26 +41,35 @@ def load_trained_model(path, device="cpu"):
     return model, ckpt
 
 
-def prepare_for_inference(model, device, image_size, precision="auto"):
-    """(model, autocast dtype, channels_last) for the fastest inference the hardware allows:
-    eval mode, each BatchNorm folded into the conv before it (the same function, one op and
-    one pass over the activations fewer per layer: resnet18 at 224 px on 2 CPU cores, bf16,
-    5.8 -> 4.6 ms per image), bf16 and channels_last where they pay, and on a CPU in bf16
-    ReLUs that work on the bits (`BitsReLU`)."""
+def prepare_for_inference(model, device, image_size, mean_std, precision="auto"):
+    """(model, RunSettings) for the fastest inference the hardware allows: eval mode, each
+    BatchNorm folded into the conv before it (the same function, one op and one pass over the
+    activations fewer per layer), bf16 and channels_last where they pay, on a CPU in bf16 ReLUs
+    that work on the bits (`BitsReLU`), and on a CPU Normalize folded into the first conv, so
+    batches go in as raw pixel values. `mean_std` is {"mean": ..., "std": ...}.
+    The rewrites (`src.fast_layers`) are off with RESNET_TL_INFERENCE_REWRITES=0."""
     model = model.eval()
-    try:
-        # A new module tree (the traced graph's own); the caller's model keeps its BatchNorm
-        # layers, so deep-copying it first (what inplace=False adds) would only cost time.
-        model = fuse(model, inplace=True)
-    except Exception:  # a network torch.fx can't trace (data-dependent control flow) runs unfolded
-        pass
+    rewrites = inference_rewrites()
+    if rewrites:
+        try:
+            # A new module tree (the traced graph's own); the caller's model keeps its BatchNorm
+            # layers, so deep-copying it first (what inplace=False adds) would only cost time.
+            model = fuse(model, inplace=True)
+        except Exception:  # a network torch.fx can't trace (data-dependent control flow) runs unfolded
+            pass
     amp_dtype = pick_precision(precision, device, image_size)
-    if amp_dtype == torch.bfloat16 and device.type == "cpu" and isinstance(model, torch.fx.GraphModule):
+    on_graph = rewrites and device.type == "cpu" and isinstance(model, torch.fx.GraphModule)
+    if on_graph and amp_dtype == torch.bfloat16:
         use_bits_relus(model)
     channels_last = use_channels_last("auto", device, image_size)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, amp_dtype, channels_last
+    pixels = Normalizer(mean_std["mean"], mean_std["std"], device)
+    # On a CPU the normalising pass is a few percent of a small model's time; folded into the
+    # first conv it is gone. (A GPU does it in no time, and decoding limits it anyway.)
+    if on_graph and fold_normalization(model, mean_std["mean"], mean_std["std"], image_size):
+        pixels = RawPixels(amp_dtype or torch.float32)
+    return model, RunSettings(device, amp_dtype, channels_last, pixels)
 
 
 COMPILE_MIN_FILES = 30_000
@@ -68,54 +77,18 @@ COMPILE_MIN_FILES = 30_000
 
 def compiled(model, choice, n_files, device):
     """The model under torch.compile when asked, else None. auto: on CPU from 30,000 files, which
-    repay compiling (resnet18 at 224 px, bf16, 2 cores: ~20 s to compile the first time, ~2.5 s
-    from inductor's on-disk cache after that, then ~2.4 instead of ~2.8 ms per image: ahead
-    from ~6,000 files once cached, from ~45,000 the first time); never on a GPU, where decoding, not the
-    model, limits prediction (H100, 1797 files: 9.5 s eager, 22 s compiled). Freezing makes the
-    weights constants that inductor folds and pre-packs (inference only)."""
+    repay the seconds of compiling (benchmarks/README.md); never on a GPU, where decoding, not
+    the model, limits prediction. Freezing makes the weights constants that inductor folds and
+    pre-packs (inference only)."""
     if choice is False or (choice == "auto" and (device.type != "cpu" or n_files < COMPILE_MIN_FILES)):
         return None
     return torch.compile(model, dynamic=False, options={"freezing": True})
 
 
-def norm_tensors(mean, std, device):
-    """(scale, shift) that turn a uint8 batch into ToTensor + Normalize's output in one op."""
-    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    return (1 / (255 * std)).to(device), (-mean / std).to(device)
-
-
-def to_input(images, device, norm=None, channels_last=False, raw_dtype=torch.float32):
-    """A loader's batch as the model takes it: on the device, channels_last or not as asked,
-    and a uint8 batch (what this project's loaders yield) normalised there with `norm_tensors`,
-    or, without `norm`, as raw pixel values of `raw_dtype` (for a model that normalises in its
-    first layer: `fold_normalization`; 0..255 are exact in bf16)."""
-    images = images.to(device, non_blocking=True)
-    # Converted while still uint8: a quarter of the bytes to move.
-    images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    if images.dtype != torch.uint8:
-        return images
-    if norm is None:
-        return images.to(raw_dtype)
-    scale, shift = norm
-    if not channels_last:
-        return torch.addcmul(shift, images.float(), scale)  # (x / 255 - mean) / std: two passes, not four
-    # In memory the batch is N x H x W x C: per-channel constants along a last dimension of 3
-    # vectorise poorly, so the pixels are viewed 64 (or fewer) to a row and the constants tiled
-    # to match: the same numbers, 0.05 instead of 0.09 ms per 224 px image.
-    n, c, h, w = images.shape
-    per_row = math.gcd(h * w, 64)
-    rows = images.permute(0, 2, 3, 1).reshape(-1, c * per_row)
-    out = torch.addcmul(shift.view(c).repeat(per_row), rows, scale.view(c).repeat(per_row))
-    return out.view(n, h, w, c).permute(0, 3, 1, 2)
-
-
-def forward(model, images, device, amp_dtype=None, channels_last=False, norm=None):
-    """fp32 logits of one batch (uint8 batches are normalised with `norm` first, or given as
-    raw values to a model that normalises itself when `norm` is None)."""
-    images = to_input(images, device, norm, channels_last, amp_dtype or torch.float32)
-    with autocast(device, amp_dtype):
-        return model(images).float()
+def forward(model, images, run):
+    """fp32 logits of one batch, run as `run` (a RunSettings) says."""
+    with run.autocast():
+        return model(run.input(images)).float()
 
 
 def why_unreadable(path, error):
@@ -173,8 +146,7 @@ class ImageFiles(Dataset):
 def inference_workers(choice, n_files, batch_size):
     """Decoding processes: none for a single batch (starting one costs more than it saves), and
     none on 2 CPUs, where a process only steals a core from the model's threads and copies
-    every batch between processes (measured: 0.74x of bare inference with one worker, 0.80x
-    with a thread decoding ahead); there threads decode each batch (`decoded_batches`)."""
+    every batch between processes; there threads decode each batch (`decoded_batches`)."""
     if choice != "auto":
         return choice
     return default_workers() if n_files > batch_size and cpu_count() > 2 else 0
@@ -194,9 +166,8 @@ def decoded_batches(files, batch_size, threads):
     """(images, errors) per batch of an ImageFiles, each batch decoded by `threads` threads at once.
 
     The decoders release the GIL, so the threads run in parallel. Decoding while the model runs
-    (one batch ahead) was slower on 2 CPUs (decoding + resnet18 at 224 px: 0.90x of the model
-    alone, against 0.94x this way): the model's threads keep both cores busy, and a decoder
-    that preempts one of them stalls the other at its next sync. Each thread takes the next
+    (one batch ahead) was slower on 2 CPUs: the model's threads keep both cores busy, and a
+    decoder that preempts one of them stalls the other at its next sync. Each thread takes the next
     image still to do (so none idles while the other has a run of big files) and copies it
     into the batch while it is still in its cache, as N x H x W x C: the layout channels_last
     wants.
@@ -230,12 +201,7 @@ def classify_files(model, ckpt, paths, device, batch_size, precision="auto", wor
     The rows of unreadable files hold the logits of a blank image: callers skip them.
     """
     size = ckpt["image_size"]
-    model, amp_dtype, channels_last = prepare_for_inference(model, device, size, precision)
-    norm = norm_tensors(ckpt["mean"], ckpt["std"], device)
-    # On a CPU the normalising pass over each batch costs ~4% of resnet18's time; folded into
-    # the first conv it is gone. (A GPU does it in no time, and decoding limits it anyway.)
-    if device.type == "cpu" and fold_normalization(model, ckpt["mean"], ckpt["std"], size):
-        norm = None
+    model, run = prepare_for_inference(model, device, size, ckpt, precision)
     files = paths if isinstance(paths, ImageFiles) else ImageFiles(paths, size)
     workers = inference_workers(workers, len(files), batch_size)
     if workers == 0:
@@ -251,13 +217,13 @@ def classify_files(model, ckpt, paths, device, batch_size, precision="auto", wor
         # The last, smaller batch runs uncompiled: a new shape would mean compiling again.
         if fast is not None and len(images) == batch_size:
             try:
-                logits = forward(fast, images, device, amp_dtype, channels_last, norm)
+                logits = forward(fast, images, run)
             except Exception as e:  # no C++ compiler, an unsupported op, ...: the eager model still works
                 print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e, 120)}); "
                       f"continuing without it", file=sys.stderr)
-                fast, logits = None, forward(model, images, device, amp_dtype, channels_last, norm)
+                fast, logits = None, forward(model, images, run)
         else:
-            logits = forward(model, images, device, amp_dtype, channels_last, norm)
+            logits = forward(model, images, run)
         all_logits.append(logits.cpu())
         errors += batch_errors
     return torch.cat(all_logits), errors

@@ -24,11 +24,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from src import runtime
 from src.common import UserError, run_stage
 from src.images import file_digest
 from src.params import load_params
+from src.paths import RAW, from_workspace, hidden
 
-RAW = Path("data/raw")
 SAMPLE_SIZE = 32  # the digits are 8x8; stored upscaled so they are viewable pictures
 FICLONE = 0x40049409  # Linux ioctl: copy-on-write clone of a whole file (btrfs, XFS)
 SKIPPED_TOP = {"__MACOSX"}  # resource forks macOS adds to zips: never images
@@ -124,7 +125,7 @@ def extract_tar(archive, dest):
 
 def unwrap_single_folder(dest):
     """`dest/flowers/<class>/...` -> `dest/<class>/...` when flowers/ is all the archive holds."""
-    visible = [p for p in dest.iterdir() if not p.name.startswith(".")]
+    visible = [p for p in dest.iterdir() if not hidden(p.name)]
     if len(visible) != 1 or not visible[0].is_dir():
         return
     inner = visible[0].rename(dest / ".unwrap")  # a child may share the folder's name
@@ -147,12 +148,6 @@ def extract(archive, dest, source):
     unwrap_single_folder(dest)
 
 
-def resolve(source):
-    """A relative path means relative to the project, also inside `dvc exp run --temp/--queue`."""
-    path = Path(source).expanduser()
-    return path if path.is_absolute() else Path(os.environ.get("DVC_ROOT") or ".") / path
-
-
 def materialise(source, sha256, dest):
     if source == "sample":
         write_sample(dest)
@@ -165,18 +160,19 @@ def materialise(source, sha256, dest):
             extract(archive, dest, source)
         finally:
             os.remove(archive)
-    elif resolve(source).is_dir():
-        mirror_folder(resolve(source), dest)
-    elif resolve(source).is_file():
+    elif from_workspace(source).is_dir():
+        mirror_folder(from_workspace(source), dest)
+    elif from_workspace(source).is_file():
         if sha256:
-            check_sha256(file_digest(resolve(source)), sha256, source)
-        extract(resolve(source), dest, source)
+            check_sha256(file_digest(from_workspace(source)), sha256, source)
+        extract(from_workspace(source), dest, source)
     else:
         raise UserError(f"data.source={source!r}: no such folder or archive; use `sample`, a folder holding "
                         f"one sub-folder per class, a .zip/.tar.gz, or an http(s) URL")
 
 
 def main():
+    runtime.start()
     params = load_params()
     source, sha256 = params["data"]["source"], params["data"]["sha256"]
     tmp = RAW.with_name(".raw.tmp")

@@ -23,6 +23,7 @@ from src.checkpoint import FORMAT, load_checkpoint, model_state
 from src.common import UserError
 from src.data import IMAGENET_MEAN, IMAGENET_STD
 from src.model import FAMILY
+from src.paths import from_workspace
 
 # Seconds any one network operation of a weights download may take. Offline this makes
 # `pretrained: imagenet` fail in seconds, not hang; online it still allows slow downloads
@@ -114,7 +115,7 @@ def pretrained_path(params):
     if not path.is_absolute() and not path.exists():
         # `dvc exp run --temp/--queue` runs in a copy of the repo without untracked files;
         # DVC_ROOT is the real workspace, where a relative path was meant.
-        path = Path(os.environ.get("DVC_ROOT") or ".") / path
+        path = from_workspace(path)
     if not path.is_file():
         raise UserError(f"model.pretrained={value!r}: no such file; use none, imagenet or the path of a "
                         f".pth/.pt weights file (a torchvision state dict or a models/model.pt)")
@@ -215,8 +216,8 @@ def create_model(params, num_classes):
     return model
 
 
-def preprocessing(params):
-    """Normalisation that belongs to the weights in use.
+def normalization(params):
+    """The mean and std ({"mean": [...], "std": [...]}) that belong to the weights in use.
 
     One of this project's checkpoints records its own; otherwise it is that of torchvision's
     weights for `arch` (ImageNet's mean/std for nearly all), which also suits training from

@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 
-from src.classes import CLASS_INDEX, check_same_classes, held_out_split, read_manifest
+from src import runtime
+from src.classes import check_same_classes, held_out_split, read_manifest
 from src.common import UserError, run_stage, write_text
-from src.device import keep_freed_memory, pick_device
+from src.device import pick_device
 from src.images import is_image_name
 from src.inference import classify_files, load_trained_model
 from src.params import load_params
+from src.paths import CLASS_INDEX, MODEL, PREDICTIONS
 
-MODEL_PATH = Path("models/model.pt")
-OUTPUT_PATH = Path("data/predictions.csv")
 PICTURE_LIMIT = 16  # images drawn by --picture; more would be too small to see
 
 
@@ -119,8 +119,8 @@ def parse_args(argv, params):
     cfg = params["predict"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", help=f"files, folders or globs (default: predict.input={cfg['input']})")
-    parser.add_argument("--model", default=str(MODEL_PATH), help="checkpoint (default: %(default)s)")
-    parser.add_argument("--output", "-o", help=f"CSV or JSON file; default {OUTPUT_PATH} for the stage, "
+    parser.add_argument("--model", default=str(MODEL), help="checkpoint (default: %(default)s)")
+    parser.add_argument("--output", "-o", help=f"CSV or JSON file; default {PREDICTIONS} for the stage, "
                                                f"stdout when inputs are given")
     parser.add_argument("--format", choices=["csv", "json"], help="default: from --output's extension, else csv")
     parser.add_argument("--top-k", type=int, default=cfg["top_k"], help="classes per file (default: %(default)s)")
@@ -134,12 +134,12 @@ def parse_args(argv, params):
     if args.top_k < 1 or args.batch_size < 1:
         raise UserError("--top-k and --batch-size must be at least 1")
     if args.output is None and not args.inputs:
-        args.output = str(OUTPUT_PATH if output_format(args.format, None) == "csv" else OUTPUT_PATH.with_suffix(".json"))
+        args.output = str(PREDICTIONS if output_format(args.format, None) == "csv" else PREDICTIONS.with_suffix(".json"))
     return args
 
 
 def main(argv=None):
-    keep_freed_memory()  # big batches reuse freed memory instead of faulting in fresh pages
+    runtime.start()
     params = load_params()
     args = parse_args(argv, params)
     cfg = params["predict"]

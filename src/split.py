@@ -22,20 +22,15 @@ from pathlib import Path
 
 import PIL
 
+from src import runtime
 from src.common import UserError, run_stage, write_json, write_text
 from src.images import check_image, file_digest, skip_reason_for_name
+from src.paths import DATA_REPORT, MANIFEST, RAW, hidden, workspace_root
 from src.params import load_params
 
-RAW = Path("data/raw")
-MANIFEST = Path("data/manifest.csv")
-REPORT = Path("metrics/data_report.json")
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 SPLITS = ("train", "val", "test")
 RARE = 0.01  # a file format below this share of the images is listed in the report: worth a look
-
-
-def hidden(name):
-    return name.startswith(".") or name == "__MACOSX"
 
 
 def find_files(raw):
@@ -85,7 +80,7 @@ def unused_class_folders(raw, rows):
 
 def cache_path():
     """Under the real project's .dvc/tmp (git-ignored scratch), also from a `dvc exp --temp` copy."""
-    root = Path(os.environ.get("DVC_ROOT") or ".")
+    root = workspace_root()
     return root / ".dvc" / "tmp" / "image_checks.json" if (root / ".dvc").is_dir() else None
 
 
@@ -181,6 +176,7 @@ def build_manifest(files, seed, ratios):
 
 
 def main():
+    runtime.start()
     params = load_params()
     if not RAW.is_dir():
         raise UserError(f"{RAW} not found: run `dvc repro ingest` first")
@@ -201,7 +197,7 @@ def main():
     if len(labels) < 2:
         raise UserError(f"{RAW} holds {len(labels)} class(es) with usable images {labels}; a classifier needs at "
                         f"least 2 class sub-folders of images (check data.source={params['data']['source']!r} "
-                        f"and the skipped files in {REPORT})")
+                        f"and the skipped files in {DATA_REPORT})")
     rows, conflicting, moved = build_manifest(files, params["seed"], ratios)
     classes = sorted({r["label"] for r in rows})
     rows.sort(key=lambda r: (r["split"], r["label"], r["path"]))
@@ -236,11 +232,11 @@ def main():
         "moved_to_earlier_split": sorted(moved),
         "unused_class_folders": unused_class_folders(RAW, rows),
     }
-    write_json(REPORT, report)
+    write_json(DATA_REPORT, report)
     for folder in report["unused_class_folders"]:
         print(f"split: warning: class folder {folder['path']} has {folder['reason']}; it is not a class")
     print(f"split: {report['images']} across {len(classes)} classes; {len(skipped)} files skipped "
-          f"(see {REPORT})")
+          f"(see {DATA_REPORT})")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,9 @@ import mlflow
 
 from src.common import UserError
 from src.params import flatten
+from src.paths import MANIFEST, workspace_root
 
-MANIFEST = Path("data/manifest.csv")
 HEALTH_TIMEOUT = 5  # seconds: an unreachable server should stop the stage at once, not after training
-
-
-def workspace_root():
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
 def local_uri():

@@ -12,7 +12,8 @@ from torchvision import transforms
 from src import images
 from src.data import IMAGENET_MEAN, IMAGENET_STD, RandomResizedCropFlip, eval_crop, eval_transform, to_uint8_tensor
 from src.images import open_rgb, plain_jpeg_pixels
-from src.inference import ImageFiles, norm_tensors, to_input
+from src.device import Normalizer, RunSettings
+from src.inference import ImageFiles
 
 
 def photo(width, height, seed=0):
@@ -59,13 +60,13 @@ def test_uint8_batch_normalised_on_the_device_equals_totensor_normalize(size):
     expected = torch.stack([eval_transform(size)(img) for img in images])
     batch = torch.stack([eval_crop(size)(img) for img in images])
     assert batch.dtype == torch.uint8
-    norm = norm_tensors(IMAGENET_MEAN, IMAGENET_STD, "cpu")
-    got = to_input(batch, torch.device("cpu"), norm, channels_last=True)
+    run = RunSettings(torch.device("cpu"), None, True, Normalizer(IMAGENET_MEAN, IMAGENET_STD, "cpu"))
+    got = run.input(batch)
     assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(got, expected, atol=1e-5)
-    plain = to_input(batch.contiguous(memory_format=torch.channels_last), torch.device("cpu"), norm)
+    plain = run._replace(channels_last=False).input(batch.contiguous(memory_format=torch.channels_last))
     assert plain.is_contiguous() and torch.allclose(plain, expected, atol=1e-5)  # NCHW when not channels_last
-    floats = to_input(expected, torch.device("cpu"))  # an already-normalised float batch passes as is
+    floats = run.input(expected)  # an already-normalised float batch passes unscaled
     assert torch.equal(floats, expected)
 
 
@@ -131,7 +132,7 @@ def test_image_files_crop_exactly_as_the_eval_transform(tmp_path):
 def test_keeping_freed_memory_stops_page_faults_on_reused_batches():
     script = """
 import resource, sys, torch
-from src.device import keep_freed_memory
+from src.runtime import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(30):  # the heap grows for the first 6-9 rounds (small blocks land after the big one), then settles

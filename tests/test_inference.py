@@ -9,9 +9,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from src.fast_layers import BitsReLU, fold_normalization
-from src.inference import ImageFiles, decoded_batches, forward, norm_tensors, prepare_for_inference
+from src.device import Normalizer, RawPixels, RunSettings
+from src.fast_layers import BitsReLU, NormalizedInputConv, fold_normalization
+from src.inference import ImageFiles, decoded_batches, forward, prepare_for_inference
 from src.networks import build_model
+
+MEAN_STD = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+CPU = torch.device("cpu")
+
+
+def as_given(model):
+    """The model run as it is: fp32, NCHW, normalised input."""
+    return lambda images: forward(model.eval(), images, RunSettings(CPU, None, False, Normalizer(**MEAN_STD, device=CPU)))
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
@@ -25,13 +34,14 @@ def test_folded_batchnorm_gives_the_same_logits(arch):
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     model.eval()
-    x = torch.randn(4, 3, 32, 32)
-    folded, amp_dtype, channels_last = prepare_for_inference(model, torch.device("cpu"), 32, precision="fp32")
-    assert amp_dtype is None and not channels_last
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    folded, run = prepare_for_inference(model, CPU, 32, MEAN_STD, precision="fp32")
+    assert run.amp_dtype is None and not run.channels_last and isinstance(run.pixels, RawPixels)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the caller's model is untouched
     with torch.inference_mode():
-        assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
+        want = as_given(model)(images)
+        assert torch.allclose(forward(folded, images, run), want, atol=1e-4, rtol=1e-4)
 
 
 def test_a_network_fx_cannot_trace_runs_unfolded():
@@ -46,7 +56,7 @@ def test_a_network_fx_cannot_trace_runs_unfolded():
             return self.bn(self.conv(x)).mean((2, 3))
 
     model = Branchy().eval()
-    same, _, _ = prepare_for_inference(model, torch.device("cpu"), 16, precision="fp32")
+    same, _ = prepare_for_inference(model, CPU, 16, MEAN_STD, precision="fp32")
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(same(x), model(x))
 
@@ -69,38 +79,38 @@ def test_bits_relu_gives_torch_relus_values_nan_and_inf_included():
 def test_bf16_inference_on_cpu_swaps_relus_and_gives_the_same_logits():
     torch.manual_seed(0)
     model = build_model("resnet18", 5).eval()
-    cpu = torch.device("cpu")
-    fast, amp_dtype, channels_last = prepare_for_inference(model, cpu, 64, precision="bf16")
-    plain, _, _ = prepare_for_inference(model, cpu, 64, precision="fp32")
-    assert amp_dtype == torch.bfloat16
+    fast, run = prepare_for_inference(model, CPU, 64, MEAN_STD, precision="bf16")
+    plain, _ = prepare_for_inference(model, CPU, 64, MEAN_STD, precision="fp32")
+    assert run.amp_dtype == torch.bfloat16
     assert any(isinstance(m, BitsReLU) for m in fast.modules())
     assert not any(type(m) is nn.ReLU for m in fast.modules())
     assert not any(isinstance(m, BitsReLU) for m in (*model.modules(), *plain.modules()))  # the caller's: untouched
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
-    norm = (torch.full((1, 3, 1, 1), 1 / 60), torch.full((1, 3, 1, 1), -2.0))
     with torch.inference_mode():
-        got = forward(fast, images, cpu, amp_dtype, channels_last, norm)
-        # The same memory format as the fast model's (channels_last only where bf16 is native):
-        # oneDNN's NCHW and NHWC bf16 kernels round differently.
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        want = forward(plain.to(memory_format=layout), images, cpu, amp_dtype, channels_last, norm)
+        got = forward(fast, images, run)
+        # The plain ReLUs' model in the same precision and memory format (channels_last only where
+        # bf16 is native: oneDNN's NCHW and NHWC bf16 kernels round differently).
+        layout = torch.channels_last if run.channels_last else torch.contiguous_format
+        want = forward(plain.to(memory_format=layout), images, run)
     assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0"])  # first convs: 7x7 stride 2 pad 3; 3x3 stride 2 pad 1
-def test_normalization_folded_into_the_first_conv_gives_the_same_logits_from_raw_pixels(arch):
-    mean, std, cpu = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.device("cpu")
+def test_normalization_folded_into_the_first_conv_gives_the_same_logits_from_raw_pixels(arch, monkeypatch):
     torch.manual_seed(0)
     model = build_model(arch, 5).eval()
     for size in (64, 37):  # 37: odd, the bottom and right edges differ from the top and left
-        plain, _, _ = prepare_for_inference(model, cpu, size, precision="fp32")
-        folded, _, _ = prepare_for_inference(model, cpu, size, precision="fp32")
-        assert fold_normalization(folded, mean, std, size)
+        folded, run = prepare_for_inference(model, CPU, size, MEAN_STD, precision="fp32")
+        assert run.pixels == RawPixels(torch.float32)  # raw pixel values in
+        assert sum(isinstance(m, NormalizedInputConv) for m in folded.modules()) == 1
+        with monkeypatch.context() as switch:  # the switch for bisecting: the model as it is
+            switch.setenv("RESNET_TL_INFERENCE_REWRITES", "0")
+            plain, plain_run = prepare_for_inference(model, CPU, size, MEAN_STD, precision="fp32")
+        assert plain is model and isinstance(plain_run.pixels, Normalizer)
         for shape in ((size, size), (size + 9, size + 4)):  # the size folded for, and another
             images = torch.randint(0, 256, (2, 3, *shape), dtype=torch.uint8)
             with torch.inference_mode():
-                want = forward(plain, images, cpu, norm=norm_tensors(mean, std, cpu))
-                got = forward(folded, images, cpu, norm=None)  # raw pixel values in
+                want, got = forward(plain, images, plain_run), forward(folded, images, run)
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 

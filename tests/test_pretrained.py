@@ -1,6 +1,5 @@
 """`model.pretrained` (none | imagenet | a file), head replacement, freezing and preprocessing."""
 import copy
-import os
 import pickle
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torchvision
 from conftest import REPO, env
 from src.checkpoint import save_checkpoint
 from src.common import UserError
-from src.networks import create_model, preprocessing, set_transfer_phase
+from src.networks import create_model, normalization, set_transfer_phase
 from src.params import load_params
 from src.train import make_optimizer
 from test_model import randomize_bn
@@ -70,13 +69,13 @@ def test_own_checkpoint_as_pretrained_brings_weights_and_preprocessing(tmp_path)
     other_classes = create_model(params, 3)
     assert_backbone_from(other_classes, source.state_dict(), "fc")
     assert other_classes.fc.out_features == 3
-    assert preprocessing(params) == {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    assert normalization(params) == {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
 
 
 def test_preprocessing_is_that_of_the_archs_weights():
     imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    assert preprocessing(params_for("resnet50", "imagenet")) == imagenet
-    assert preprocessing(params_for("efficientnet_v2_l", "imagenet")) == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert normalization(params_for("resnet50", "imagenet")) == imagenet
+    assert normalization(params_for("efficientnet_v2_l", "imagenet")) == {"mean": [0.5] * 3, "std": [0.5] * 3}
 
 
 def test_weights_of_another_arch_or_a_missing_file_fail_with_one_line(tmp_path):
@@ -109,7 +108,7 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     with pytest.raises(UserError, match="refused with weights_only=True"):
         create_model(params_for(pretrained=evil), 10)
     with pytest.raises(UserError, match="refused with weights_only=True"):
-        preprocessing(params_for(pretrained=evil))
+        normalization(params_for(pretrained=evil))
     assert not (tmp_path / "pwned").exists()
 
 

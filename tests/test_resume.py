@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from conftest import env, make_project, run
-from src.checkpoint import fingerprint, load_checkpoint, load_resume, save_checkpoint
+from src.checkpoint import load_checkpoint, save_checkpoint
 from src.params import load_params
+from src.resume import fingerprint, load_resume
 
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 

@@ -1,5 +1,4 @@
 """Training knobs: bf16 holds fp32's accuracy; optimizer groups and LR schedules do what params say."""
-import json
 import math
 
 import pytest

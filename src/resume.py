@@ -1,0 +1,153 @@
+"""What training keeps across epochs and crashes, and the two files it lives in.
+
+- models/model.pt: the best epoch's weights, self-describing (`src.checkpoint`), a DVC output.
+- models/resume.pt: the last completed epoch's whole state: weights, optimizer, scheduler, grad
+  scaler, every RNG (and the loader's shuffling generator), best-so-far weights, history and the
+  MLflow run id. It is not a DVC output, so DVC does not delete it before rerunning a stage that
+  was killed: a rerun with the same params and data continues from it. It is marked finished
+  when training ends, so `dvc repro -f` trains from scratch.
+"""
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from src import tracking
+from src.checkpoint import describe, save_checkpoint, weights
+from src.common import first_line
+from src.paths import CLASS_INDEX, DATA_REPORT, MANIFEST, MODEL, RESUME
+
+
+def fingerprint(params, data_files, world_size):
+    """Identity of a training run: the params that shape it, the exact data, the process count.
+
+    A resume file from a run with another fingerprint is ignored, so a changed config starts fresh.
+    """
+    h = hashlib.sha256()
+    shaping = {"arch": params["arch"], "seed": params["seed"], "image_size": params["data"]["image_size"],
+               "model": params["model"], "train": params["train"], "world_size": world_size}
+    h.update(json.dumps(shaping, sort_keys=True).encode())
+    for path in data_files:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_resume(path, run_fingerprint):
+    """The training state to continue from, or None (no file, another run's, or a finished one)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a file from an older format or a disk fault: train from scratch
+        print(f"train: ignoring unreadable {path} ({first_line(e, 120)}); starting fresh")
+        return None
+    if state.get("fingerprint") != run_fingerprint:
+        print(f"train: {path} belongs to other params or data; starting fresh")
+        return None
+    if state.get("finished"):
+        return None
+    return state
+
+
+class Progress:
+    """History, best epoch and patience of one training, saved so that a kill at any point
+    continues where it left off. Every rank keeps the numbers; rank 0 alone writes and logs."""
+
+    model_path, resume_path = MODEL, RESUME
+    data_files = (MANIFEST, CLASS_INDEX, DATA_REPORT)
+
+    def __init__(self, params, class_names, mean_std, dist):
+        self.params, self.dist = params, dist
+        self.info = describe(params, class_names, mean_std)  # what every checkpoint carries
+        self.fingerprint = fingerprint(params, self.data_files, dist.world_size)
+        self.resumed = load_resume(self.resume_path, self.fingerprint)
+        self.history, self.best, self.bad_epochs, self.run_id = [], {"val_acc": -1.0, "epoch": 0}, 0, None
+        self.best_weights = self.previous_weights = None  # None: the last weights are the best
+        self.last = self.resumed  # killed after the final epoch's save: only the summary is left
+        self.next_epoch = self.resumed["epoch"] + 1 if self.resumed else 1
+
+    def restore(self, model, trainer, generator):
+        """Put a resumed run's state back into the model, optimizer, scheduler, scaler and RNGs."""
+        if not self.resumed:
+            return
+        state = self.resumed
+        model.load_state_dict(state["model"])
+        for name in ("optimizer", "scheduler", "scaler"):
+            getattr(trainer, name).load_state_dict(state[name])
+        generator.set_state(state["loader_generator"])
+        set_rng_state(state["rng"][self.dist.rank])
+        self.history, self.best, self.bad_epochs = state["history"], state["best"], state["bad_epochs"]
+        self.run_id, self.best_weights, self.previous_weights = state["mlflow_run_id"], state["best_model"], state["model"]
+
+    def resuming_note(self):
+        return f"; resuming after epoch {self.resumed['epoch']} from {self.resume_path}" if self.resumed else ""
+
+    def begin(self, mlflow_run):
+        """Rank 0, once the MLflow run is open: clear a killed write's leftovers and, when resuming,
+        put back the best weights (DVC deleted the stage's outputs before this rerun)."""
+        if not self.dist.is_main:
+            return
+        self.run_id = mlflow_run.info.run_id
+        for path in (self.model_path, self.resume_path):
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                stale.unlink()
+        if self.resumed:
+            self.save_model(self.best_weights or self.resumed["model"], self.best["epoch"], self.best["val_acc"])
+
+    def save_model(self, model_weights, epoch, val_acc):
+        save_checkpoint(self.model_path, {**self.info, "epoch": epoch, "val_acc": val_acc,
+                                          "mlflow_run_id": self.run_id, "model": model_weights})
+
+    def end_epoch(self, row, model, trainer, generator, rngs):
+        """Record one epoch's numbers (rank 0 also prints, logs and saves); True to stop early."""
+        self.history.append(row)
+        if row["val_acc"] > self.best["val_acc"]:
+            self.best, self.bad_epochs = {"val_acc": row["val_acc"], "val_loss": row["val_loss"],
+                                          "epoch": row["epoch"]}, 0
+        else:
+            self.bad_epochs += 1
+        patience = self.params["train"]["patience"]
+        stop = patience > 0 and self.bad_epochs >= patience
+        if self.dist.is_main:
+            tracking.log_epoch(row)
+            print(f"epoch {row['epoch']}/{self.params['train']['epochs']}: train loss {row['train_loss']:.4f} "
+                  f"acc {row['train_acc']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+                  + (f"; early stop, no val improvement for {self.bad_epochs} epochs" if stop else ""))
+            self.save(row, weights(model), trainer, generator, rngs)
+        return stop
+
+    def save(self, row, last_weights, trainer, generator, rngs):
+        if self.best["epoch"] == row["epoch"]:
+            self.best_weights = None  # the last weights are the best: stored once
+            self.save_model(last_weights, row["epoch"], row["val_acc"])
+        elif self.best_weights is None:
+            self.best_weights = self.previous_weights  # the best epoch was the one before
+        self.previous_weights = last_weights
+        self.last = {**self.info, "epoch": row["epoch"], "val_acc": row["val_acc"], "model": last_weights,
+                     "fingerprint": self.fingerprint, "finished": False, "mlflow_run_id": self.run_id,
+                     "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+                     "scaler": trainer.scaler.state_dict(), "loader_generator": generator.get_state(),
+                     "rng": rngs, "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
+                     "best_model": self.best_weights}
+        save_checkpoint(self.resume_path, self.last)
+
+    def finish(self):
+        """Kept as the last epoch's checkpoint, never resumed: `dvc repro -f` retrains from scratch."""
+        save_checkpoint(self.resume_path, {**self.last, "finished": True})
