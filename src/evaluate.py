@@ -1,10 +1,10 @@
 """Stage `evaluate`: where the trained model succeeds and fails, on the test split.
 
 Writes
-  metrics/eval.json         metrics for `dvc metrics diff`, under the split measured ("test", or
-                            "val" for a dataset without a test split): accuracy (top-1, top-5
-                            with more than 5 classes), loss, calibration error, macro and weighted
-                            precision/recall/F1, and per_class.<class>.f1, ...
+  metrics/eval.json         metrics for `dvc metrics diff`, named after the split measured
+                            ("test/", or "val/" for a dataset without a test split): accuracy
+                            (top-1, top-5 with more than 5 classes), loss, calibration error,
+                            macro and weighted precision/recall/F1, per_class/<class>/f1, ...
   metrics/confusion.csv     one row per image (path, actual, predicted): the DVC confusion plot
   metrics/confusion.png     the confusion matrix with class names and counts
   metrics/misclassified.png the most confidently wrong images, with true and predicted labels
@@ -25,7 +25,7 @@ from src.data import rows_for
 from src.device import pick_device
 from src.figures import confusion_figure, image_grid, save_figure
 from src.inference import classify_files, load_trained_model
-from src.params import load_params
+from src.params import flatten, load_params
 from src.paths import CONFUSION_CSV, CONFUSION_PNG, EVAL_METRICS, MISCLASSIFIED_PNG, MODEL
 
 
@@ -120,8 +120,9 @@ def main():
                         f"fix or remove them and rerun `dvc repro`")
     y_true = np.asarray(labels)
     metrics, cm, probs = classification_metrics(y_true, logits, class_names, cfg["calibration_bins"])
-    # Keyed by the split measured, so `dvc exp show` and MLflow say which: test.accuracy or val.accuracy.
-    write_json(EVAL_METRICS, {split: metrics})
+    # Named after the split measured, the same in `dvc exp show` and MLflow: test/accuracy (or
+    # val/accuracy), test/per_class/<class>/f1, ...
+    write_json(EVAL_METRICS, flatten({split: metrics}, sep="/"))
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

@@ -169,12 +169,12 @@ def load_params(path="params.yaml"):
     return validate(params)
 
 
-def flatten(params, prefix=""):
+def flatten(params, prefix="", sep="."):
     """{'train': {'lr': 1}} -> {'train.lr': 1}, the names `dvc exp show` and MLflow use."""
     flat = {}
     for key, value in params.items():
         if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}{sep}", sep))
         else:
             flat[prefix + key] = value
     return flat

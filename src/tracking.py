@@ -136,8 +136,11 @@ def start_training_run(params, dataset_digest, run_id=None):
 
 
 def log_epoch(row):
-    """Per-epoch metrics of the active run, step = epoch."""
-    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+    """Per-epoch metrics of the active run, step = epoch, as curves/train_loss, curves/val_acc, ...
+
+    The UI's chart view shows sections of metrics grouped by their prefix, in alphabetical
+    order, before the unprefixed ones: "curves" comes first, then the evaluation's "test"/"val"."""
+    mlflow.log_metrics({f"curves/{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
 
 def log_files(paths, artifact_path=None):
@@ -222,8 +225,8 @@ def finish_training(metrics, history=(), checkpoint=None, artifacts=(), register
 
 def log_evaluation(params, run_id, split, metrics, artifacts=()):
     """The evaluate stage's results, into the training's run: the headline numbers as metrics named
-    after the split (`test.accuracy`), per-class numbers as one table (`per_class_metrics.json`),
-    so the run's charts open on what decides, and the files (confusion matrix, ...)."""
+    as in eval.json (`test/accuracy`), per-class numbers as one table (`per_class_metrics.json`)
+    so the run's charts open on the curves and the headline, and the files (confusion matrix, ...)."""
     setup(params["mlflow"]["experiment"])
     try:
         mlflow.get_run(run_id)
@@ -232,7 +235,7 @@ def log_evaluation(params, run_id, split, metrics, artifacts=()):
         print(f"evaluate: MLflow run {run_id} is not in {tracking_uri()}; metrics not logged to MLflow")
         return
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({f"{split}.{k}": v for k, v in metrics.items()
+        mlflow.log_metrics({f"{split}/{k}": v for k, v in metrics.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
         per_class = metrics.get("per_class") or {}
         if per_class:

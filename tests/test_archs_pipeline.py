@@ -37,7 +37,7 @@ def test_resnext_and_efficientnet_run_as_experiments(project, images):
              "-n", arch], project)
         train = json.loads((project / "metrics/train.json").read_text())
         evaluation = json.loads((project / "metrics/eval.json").read_text())
-        assert train["epochs_run"] == 1 and evaluation["test"]["images"] > 0
+        assert train["epochs_run"] == 1 and evaluation["test/images"] > 0
         ckpt = torch.load(project / "models/model.pt", weights_only=True)
         assert ckpt["arch"] == arch and ckpt["num_classes"] == 3
 

@@ -57,6 +57,18 @@ def sklearn_metrics(y_true, probs, class_names):
     return expected
 
 
+def unflatten(flat):
+    """eval.json's flat names (test/per_class/ant/f1) as nested dicts."""
+    nested = {}
+    for key, value in flat.items():
+        *parents, last = key.split("/", 3 if "/per_class/" in key else 1)
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return nested
+
+
 def assert_same_metrics(got, expected, **tolerance):
     assert set(got) == set(expected)
     for key, value in expected.items():
@@ -81,9 +93,9 @@ def evaluated(tmp_path_factory):
 @pytest.mark.slow
 def test_eval_json_equals_scikit_learn_on_the_same_predictions(evaluated):
     project = evaluated
-    results = json.loads((project / "metrics/eval.json").read_text())
-    assert list(results) == ["test"]  # keyed by the split it measured
-    results = results["test"]
+    flat = json.loads((project / "metrics/eval.json").read_text())
+    assert all(key.startswith("test/") for key in flat)  # named after the split it measured
+    results = unflatten(flat)["test"]
     with open(project / "metrics/confusion.csv", newline="") as f:
         confusion = list(csv.DictReader(f))
     assert len(confusion) == results["images"] == len(CLASSES) * 4  # 25% of 14 per class
@@ -100,8 +112,8 @@ def test_eval_json_equals_scikit_learn_on_the_same_predictions(evaluated):
     # Logged into the training's MLflow run: headline metrics named after the split, per class as a table.
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     run_metrics = mlflow.get_run(ckpt["mlflow_run_id"]).data.metrics
-    assert run_metrics["test.macro_f1"] == pytest.approx(results["macro_f1"])
-    assert run_metrics["test.accuracy"] == pytest.approx(results["accuracy"])
+    assert run_metrics["test/macro_f1"] == pytest.approx(results["macro_f1"])
+    assert run_metrics["test/accuracy"] == pytest.approx(results["accuracy"])
     assert not any("per_class" in key or "gnu" in key for key in run_metrics)
     table = mlflow.artifacts.load_dict(f"runs:/{ckpt['mlflow_run_id']}/per_class_metrics.json")
     rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
@@ -148,7 +160,7 @@ def train_then_evaluate(root, source, overrides):
     project = make_project(root / "project", {"data.source": str(source), **overrides})
     run(["dvc", "repro", "evaluate"], project)
     train = json.loads((project / "metrics/train.json").read_text())
-    return train, json.loads((project / "metrics/eval.json").read_text())
+    return train, unflatten(json.loads((project / "metrics/eval.json").read_text()))
 
 
 @pytest.mark.slow

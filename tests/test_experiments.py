@@ -86,18 +86,18 @@ def test_queued_parallel_runs_land_in_workspace_store_with_dvc_numbers(queued):
         assert logged.data.tags["dvc_exp_baseline_rev"] == baseline
         assert len(logged.data.tags["git_commit"]) == 40
         assert len(logged.data.tags["dataset_digest"]) == 64
-        history = client.get_metric_history(logged.info.run_id, "val_acc")
+        history = client.get_metric_history(logged.info.run_id, "curves/val_acc")
         assert [m.step for m in history] == [1]
         # Every metric DVC shows for the experiment is in the MLflow run with the same value.
         # Every headline metric DVC shows for the experiment is in the MLflow run, with the same
-        # name (test.accuracy) and value; per-class numbers are a table artifact there.
+        # name (test/accuracy) and value; per-class numbers are a table artifact there.
         for path in ("metrics/train.json", "metrics/eval.json"):
             dvc_metrics = flatten(data["metrics"][path]["data"])
             assert dvc_metrics, path
             for key, value in dvc_metrics.items():
-                if ".per_class." not in key:
+                if "/per_class/" not in key:
                     assert logged.data.metrics[key] == pytest.approx(value, rel=1e-12), (name, key)
-        assert "test.accuracy" in logged.data.metrics
+        assert "test/accuracy" in logged.data.metrics
         # Artifacts on disk at the workspace root, not in the deleted temp copy.
         artifacts = Path(logged.info.artifact_uri.removeprefix("file://"))
         assert artifacts.is_relative_to(queued / "mlartifacts")
@@ -157,7 +157,7 @@ def test_mlflow_server_on_the_store_lists_both_runs(queued):
         for name, arch in EXPERIMENTS.items():
             params = {p["key"]: p["value"] for p in by_name[name]["data"]["params"]}
             metrics = {m["key"] for m in by_name[name]["data"]["metrics"]}
-            assert params["arch"] == arch and {"val_acc", "test.accuracy"} <= metrics
+            assert params["arch"] == arch and {"curves/val_acc", "test/accuracy"} <= metrics
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -26,10 +26,10 @@ def test_repro_end_to_end_then_noop(project):
 
     train = json.loads((project / "metrics/train.json").read_text())
     assert train["epochs_run"] == 2
-    evaluation = json.loads((project / "metrics/eval.json").read_text())["test"]
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
     test_rows = [r for r in manifest if r["split"] == "test"]
-    assert evaluation["images"] == len(test_rows)
-    assert evaluation["accuracy"] > 0.3  # 2 epochs at 16 px: far above chance (0.1)
+    assert evaluation["test/images"] == len(test_rows)
+    assert evaluation["test/accuracy"] > 0.3  # 2 epochs at 16 px: far above chance (0.1)
 
     predictions = read_csv(project / "data/predictions.csv")
     assert [p["file"] for p in predictions] == [r["path"] for r in test_rows]
@@ -39,7 +39,7 @@ def test_repro_end_to_end_then_noop(project):
     runs = mlflow.search_runs(experiment_names=["resnet-transfer"], output_format="list")
     assert len(runs) == 1
     assert runs[0].data.params["arch"] == "resnet18"
-    assert runs[0].data.metrics["test.accuracy"] == evaluation["accuracy"]
+    assert runs[0].data.metrics["test/accuracy"] == evaluation["test/accuracy"]
     assert runs[0].data.metrics["best_val_acc"] == train["best_val_acc"]
 
     again = run(["dvc", "repro"], project)

@@ -63,10 +63,10 @@ def test_training_run_records_everything_and_logged_model_predicts_like_checkpoi
     expected_params = {k: str(v) for k, v in flatten(params).items()}
     assert logged.data.params == expected_params
     assert logged.data.tags["dataset_digest"] == digest
-    assert logged.data.metrics["test.accuracy"] == 0.75 and not any("cross" in k for k in logged.data.metrics)
+    assert logged.data.metrics["test/accuracy"] == 0.75 and not any("cross" in k for k in logged.data.metrics)
     per_class = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/per_class_metrics.json")
     assert per_class["columns"] == ["class", "f1", "support"] and per_class["data"] == [["cross", 1.0, 3]]
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_acc")] == [(1, 0.25), (2, 0.5)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "curves/val_acc")] == [(1, 0.25), (2, 0.5)]
     dataset = logged.inputs.dataset_inputs[0].dataset
     assert dataset.name == params["data"]["source"] and dataset.digest == digest[:36]
 
