@@ -182,7 +182,7 @@ def test_train_best_val_accuracy_is_evaluates_val_accuracy(tmp_path):
 @pytest.mark.skipif(not (SHARED / "flowers_dev").is_dir(), reason="no ../shared/datasets/flowers_dev here")
 def test_on_real_photos_train_and_evaluate_report_the_same_val_accuracy(tmp_path):
     train, evaluation = train_then_evaluate(tmp_path, SHARED / "flowers_dev", {
-        "data.image_size": 64, "train.epochs": 1, "train.hflip": 0.5})
+        "data.image_size": 32, "train.epochs": 1, "train.hflip": 0.5})
     assert evaluation["val"]["images"] == 226
     assert train["best_val_acc"] == evaluation["val"]["accuracy"]
     assert train["best_val_loss"] == pytest.approx(evaluation["val"]["loss"], rel=1e-9)

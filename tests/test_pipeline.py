@@ -5,7 +5,7 @@ import json
 import mlflow
 import pytest
 
-from conftest import run
+from conftest import make_project, run, write_image_folder
 
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
@@ -47,7 +47,9 @@ def test_repro_end_to_end_then_noop(project):
     assert len(mlflow.search_runs(experiment_names=["resnet-transfer"], output_format="list")) == 1
 
 
-def test_experiment_with_another_arch_is_listed(project):
+def test_experiment_with_another_arch_is_listed(tmp_path):
+    photos = write_image_folder(tmp_path / "photos")  # small: this test is about DVC and MLflow, not accuracy
+    project = make_project(tmp_path / "project", {"data.source": str(photos)})
     run(["dvc", "repro"], project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-q", "-m", "baseline"], project)
