@@ -31,4 +31,5 @@ test-avx2: install
 	RESNET_TL_NATIVE_BF16=0 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m pytest -q tests
 
 ui: install
+	@echo "charts: http://127.0.0.1:5000/#/experiments/1/runs?compareRunsMode=CHART&workflowType=machine_learning"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1
