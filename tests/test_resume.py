@@ -82,7 +82,7 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(tmp_path):
     assert len(runs) == 2
     continued = next(r for r in runs if r.info.run_id == final["mlflow_run_id"])
     assert continued.info.status == "FINISHED"
-    steps = mlflow.MlflowClient().get_metric_history(continued.info.run_id, "val_acc")
+    steps = mlflow.MlflowClient().get_metric_history(continued.info.run_id, "curves/val_acc")
     assert sorted(m.step for m in steps) == [1, 2]
     assert best["mlflow_run_id"] == final["mlflow_run_id"]
 
