@@ -2,9 +2,9 @@
 
 `classify_files` is the one path from image files to logits that evaluate, predict, training's
 validation and the benchmark share: decoding in DataLoader workers (or threads on 2 CPUs),
-batched, BatchNorm folded into the convs, inference_mode, bf16 and channels_last where the hardware gains from
-them, on a CPU Normalize folded into the first conv and bf16 ReLUs on the bits
-(`src.fast_layers`), and a bad file never stops the others.
+batched, BatchNorm folded into the convs, inference_mode, bf16 and channels_last where the
+hardware gains from them, on a CPU Normalize folded into the first conv and bf16 ReLUs on the
+bits (`src.fast_layers`), and a bad file never stops the others.
 """
 import sys
 import threading

@@ -134,7 +134,8 @@ def parse_args(argv, params):
     if args.top_k < 1 or args.batch_size < 1:
         raise UserError("--top-k and --batch-size must be at least 1")
     if args.output is None and not args.inputs:
-        args.output = str(PREDICTIONS if output_format(args.format, None) == "csv" else PREDICTIONS.with_suffix(".json"))
+        csv_out = output_format(args.format, None) == "csv"
+        args.output = str(PREDICTIONS if csv_out else PREDICTIONS.with_suffix(".json"))
     return args
 
 

@@ -94,7 +94,8 @@ class Progress:
         generator.set_state(state["loader_generator"])
         set_rng_state(state["rng"][self.dist.rank])
         self.history, self.best, self.bad_epochs = state["history"], state["best"], state["bad_epochs"]
-        self.run_id, self.best_weights, self.previous_weights = state["mlflow_run_id"], state["best_model"], state["model"]
+        self.run_id = state["mlflow_run_id"]
+        self.best_weights, self.previous_weights = state["best_model"], state["model"]
 
     def resuming_note(self):
         return f"; resuming after epoch {self.resumed['epoch']} from {self.resume_path}" if self.resumed else ""

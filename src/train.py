@@ -230,7 +230,8 @@ def main():
 
     train_model = wrap(model)
     if dist.is_main:
-        print(f"train: {params['arch']} on {device} ({run.precision_name}{', channels_last' if run.channels_last else ''}"
+        layout = ", channels_last" if run.channels_last else ""
+        print(f"train: {params['arch']} on {device} ({run.precision_name}{layout}"
               f"{f', {dist.world_size} processes' if dist.world_size > 1 else ''}), {len(train_set)} train / "
               f"{len(val[1])} val images, {len(class_names)} classes" + progress.resuming_note())
     started = time.time()
