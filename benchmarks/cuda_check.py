@@ -35,7 +35,7 @@ from src.images import is_image_name  # noqa: E402
 from src.networks import build_model  # noqa: E402
 from src.params import load_params  # noqa: E402
 from src.paths import MANIFEST  # noqa: E402
-from src.train import Trainer, load_data, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
+from src.train import EpochPlan, Trainer, load_data, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
 
 
 def photo_like_jpegs(root, count, seed=0):
@@ -106,7 +106,7 @@ def main():
           f"channels_last{', compiled' if args.compile else ''}, torch {torch.__version__}")
 
     def epoch(batches, number=0):
-        scheduler = make_scheduler(optimizer, {**cfg, "epochs": 1}, len(batches))
+        scheduler = make_scheduler(optimizer, cfg, len(batches), EpochPlan({**cfg, "epochs": 1, "time_budget": 0}))
         trainer = Trainer(criterion, optimizer, scheduler, scaler, 0.0)
         train_one_epoch(train_model, batches, trainer, run, number, show_progress=False)
 

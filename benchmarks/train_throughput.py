@@ -32,7 +32,7 @@ from src import runtime  # noqa: E402
 from src.device import pick_device  # noqa: E402
 from src.networks import create_model  # noqa: E402
 from src.params import load_params  # noqa: E402
-from src.train import load_data, make_optimizer, make_trainer, run_settings, train_one_epoch  # noqa: E402
+from src.train import EpochPlan, load_data, make_optimizer, make_trainer, run_settings, train_one_epoch  # noqa: E402
 
 
 def fresh_model(params, num_classes, device, channels_last):
@@ -95,7 +95,7 @@ def main():
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
 
     stage_model = fresh_model(params, len(class_names), device, channels_last)
-    trainer = make_trainer(stage_model, cfg, len(loader), run)
+    trainer = make_trainer(stage_model, cfg, len(loader), run, EpochPlan(cfg), train_set.labels, len(class_names))
     bare_model = fresh_model(params, len(class_names), device, channels_last)
     bare_opt = make_optimizer(bare_model, cfg)
     fp32_model = fresh_model(params, len(class_names), device, False)

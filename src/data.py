@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
+from torchvision.transforms import v2
 
 from src.runtime import cpu_count
 from src.images import open_rgb
@@ -64,17 +65,35 @@ class RandomResizedCropFlip:
         return left, top, left + w, top + h
 
     def __call__(self, img):
+        """The cropped, resized and maybe flipped PIL image."""
         draws = torch.rand(11, 4).tolist()  # 10 crop tries and the flip
         box = self.crop_box(img.width, img.height, draws[:10])
         img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
         if draws[10][0] < self.hflip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_uint8_tensor(img)
+        return img
 
 
-def train_transform(image_size, crop_scale=(0.08, 1.0), hflip=0.5):
-    """Training augmentation (uint8 out; normalised per batch)."""
-    return RandomResizedCropFlip(image_size, crop_scale, hflip=hflip)
+# train.augment: torchvision's automatic augmentation policies. They run on the crop as a PIL
+# image, where their ops are several times cheaper than on a uint8 tensor (benchmarks/README.md).
+POLICIES = {"none": None, "trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment,
+            "augmix": v2.AugMix}
+# Random erasing fills with the ImageNet mean, which is 0 once normalised (as torchvision's
+# references erase after Normalize).
+MEAN_PIXEL = [round(255 * m) for m in IMAGENET_MEAN]
+
+
+def train_transform(image_size, crop_scale=(0.08, 1.0), hflip=0.5, augment="none", random_erasing=0.0):
+    """Training augmentation: crop + flip, the policy, erasing; uint8 CHW out (normalised per batch).
+
+    Every random draw comes from torch's RNG, so seeds and resumes cover augmentation too."""
+    steps = [RandomResizedCropFlip(image_size, crop_scale, hflip=hflip)]
+    if POLICIES[augment] is not None:
+        steps.append(POLICIES[augment]())
+    steps.append(to_uint8_tensor)
+    if random_erasing > 0:
+        steps.append(v2.RandomErasing(random_erasing, value=MEAN_PIXEL))
+    return transforms.Compose(steps)
 
 
 def eval_crop(image_size, to_tensor=True):

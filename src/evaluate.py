@@ -17,6 +17,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
+from sklearn.metrics import balanced_accuracy_score
 
 from src import runtime, tracking
 from src.classes import check_same_classes, held_out_split, read_manifest
@@ -67,7 +68,9 @@ def classification_metrics(y_true, logits, class_names, bins):
     p, r = per_class["precision"], per_class["recall"]
     per_class["f1"] = ratio(2 * p * r, p + r)
 
-    metrics = {"images": int(n), "accuracy": float(tp.sum() / n)}
+    metrics = {"images": int(n), "accuracy": float(tp.sum() / n),
+               # the mean of the classes' recalls: what accuracy would be if every class were as common
+               "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred))}
     if n_classes > 5:
         top5 = np.argsort(-probs, axis=1)[:, :5]
         metrics["top5_accuracy"] = float((top5 == y_true[:, None]).any(1).mean())
@@ -120,6 +123,13 @@ def main():
                         f"fix or remove them and rerun `dvc repro`")
     y_true = np.asarray(labels)
     metrics, cm, probs = classification_metrics(y_true, logits, class_names, cfg["calibration_bins"])
+    if cfg["tta"]:  # beside the plain numbers, which the figures and per-class numbers keep
+        tta_logits, _ = classify_files(model, ckpt, paths, device, cfg["batch_size"], cfg["precision"],
+                                       cfg["workers"], desc="evaluate (flipped)", tta=True)
+        tta, _, _ = classification_metrics(y_true, tta_logits, class_names, cfg["calibration_bins"])
+        metrics = {**{k: v for k, v in metrics.items() if k != "per_class"},
+                   **{f"tta_{k}": tta[k] for k in ("accuracy", "balanced_accuracy", "loss")},
+                   "per_class": metrics["per_class"]}
     # Named after the split measured, the same in `dvc exp show` and MLflow: test/accuracy (or
     # val/accuracy), test/per_class/<class>/f1, ...
     write_json(EVAL_METRICS, flatten({split: metrics}, sep="/"))

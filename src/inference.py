@@ -193,8 +193,10 @@ def decoded_batches(files, batch_size, threads):
 
 @torch.inference_mode()
 def classify_files(model, ckpt, paths, device, batch_size, precision="auto", workers="auto", use_compile=False,
-                   desc="classify"):
+                   desc="classify", tta=False):
     """fp32 logits (one row per file, in order) and per-file errors ("" when fine).
+
+    tta=True: test-time augmentation, the mean of each image's logits and its mirror image's.
 
     `paths` is a list of files or an `ImageFiles`; `ckpt` gives image_size, mean, std and
     num_classes (a checkpoint, or training's `describe`).
@@ -224,6 +226,8 @@ def classify_files(model, ckpt, paths, device, batch_size, precision="auto", wor
                 fast, logits = None, forward(model, images, run)
         else:
             logits = forward(model, images, run)
+        if tta:
+            logits = (logits.float() + forward(model, images.flip(-1), run).float()) / 2
         all_logits.append(logits.cpu())
         errors += batch_errors
     return torch.cat(all_logits), errors

@@ -91,11 +91,13 @@ class Progress:
         model.load_state_dict(state["model"])
         for name in ("optimizer", "scheduler", "scaler"):
             getattr(trainer, name).load_state_dict(state[name])
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(state["ema"])
         generator.set_state(state["loader_generator"])
         set_rng_state(state["rng"][self.dist.rank])
         self.history, self.best, self.bad_epochs = state["history"], state["best"], state["bad_epochs"]
         self.run_id = state["mlflow_run_id"]
-        self.best_weights, self.previous_weights = state["best_model"], state["model"]
+        self.best_weights, self.previous_weights = state["best_model"], weights(trainer.scored(model))
 
     def resuming_note(self):
         return f"; resuming after epoch {self.resumed['epoch']} from {self.resume_path}" if self.resumed else ""
@@ -110,14 +112,17 @@ class Progress:
             for stale in path.parent.glob(f".{path.name}.*.tmp"):
                 stale.unlink()
         if self.resumed:
-            self.save_model(self.best_weights or self.resumed["model"], self.best["epoch"], self.best["val_acc"])
+            self.save_model(self.best_weights or self.previous_weights, self.best["epoch"], self.best["val_acc"])
 
     def save_model(self, model_weights, epoch, val_acc):
         save_checkpoint(self.model_path, {**self.info, "epoch": epoch, "val_acc": val_acc,
                                           "mlflow_run_id": self.run_id, "model": model_weights})
 
     def end_epoch(self, row, model, trainer, generator, rngs):
-        """Record one epoch's numbers (rank 0 also prints, logs and saves); True to stop early."""
+        """Record one epoch's numbers (rank 0 also prints, logs and saves); True to stop early.
+
+        With weight EMA the averaged weights are the ones scored, kept as best and saved to
+        model.pt; the resume file holds both the trained weights and the average."""
         self.history.append(row)
         if row["val_acc"] > self.best["val_acc"]:
             self.best, self.bad_epochs = {"val_acc": row["val_acc"], "val_loss": row["val_loss"],
@@ -128,20 +133,23 @@ class Progress:
         stop = patience > 0 and self.bad_epochs >= patience
         if self.dist.is_main:
             tracking.log_epoch(row)
-            print(f"epoch {row['epoch']}/{self.params['train']['epochs']}: train loss {row['train_loss']:.4f} "
+            print(f"epoch {row['epoch']}/{row['planned_epochs'] or '?'}: train loss {row['train_loss']:.4f} "
                   f"acc {row['train_acc']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
                   + (f"; early stop, no val improvement for {self.bad_epochs} epochs" if stop else ""))
-            self.save(row, weights(model), trainer, generator, rngs)
+            self.save(row, model, trainer, generator, rngs)
         return stop
 
-    def save(self, row, last_weights, trainer, generator, rngs):
+    def save(self, row, model, trainer, generator, rngs):
+        scored = weights(trainer.scored(model))
         if self.best["epoch"] == row["epoch"]:
-            self.best_weights = None  # the last weights are the best: stored once
-            self.save_model(last_weights, row["epoch"], row["val_acc"])
+            self.best_weights = None  # the last scored weights are the best: stored once
+            self.save_model(scored, row["epoch"], row["val_acc"])
         elif self.best_weights is None:
             self.best_weights = self.previous_weights  # the best epoch was the one before
-        self.previous_weights = last_weights
-        self.last = {**self.info, "epoch": row["epoch"], "val_acc": row["val_acc"], "model": last_weights,
+        self.previous_weights = scored
+        ema = {"ema": trainer.ema.state_dict()} if trainer.ema is not None else {}
+        trained = scored if trainer.ema is None else weights(model)
+        self.last = {**self.info, "epoch": row["epoch"], "val_acc": row["val_acc"], "model": trained, **ema,
                      "fingerprint": self.fingerprint, "finished": False, "mlflow_run_id": self.run_id,
                      "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
                      "scaler": trainer.scaler.state_dict(), "loader_generator": generator.get_state(),

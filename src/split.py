@@ -175,6 +175,17 @@ def build_manifest(files, seed, ratios):
     return kept, conflicting, moved
 
 
+IMBALANCE_WARNING = 3  # the largest class has at least this many times the smallest's images
+
+
+def class_imbalance(per_class):
+    """Largest and smallest class by image count, all splits together, and their ratio."""
+    totals = {c: sum(counts.values()) for c, counts in per_class.items()}
+    largest, smallest = max(totals, key=totals.get), min(totals, key=totals.get)
+    return {"largest": largest, "smallest": smallest,
+            "ratio": round(totals[largest] / max(1, totals[smallest]), 2)}
+
+
 def main():
     runtime.start()
     params = load_params()
@@ -231,10 +242,16 @@ def main():
         "conflicting_labels": sorted(sorted(by_digest[d]) for d in conflicting),
         "moved_to_earlier_split": sorted(moved),
         "unused_class_folders": unused_class_folders(RAW, rows),
+        "class_imbalance": class_imbalance(per_class),
     }
     write_json(DATA_REPORT, report)
     for folder in report["unused_class_folders"]:
         print(f"split: warning: class folder {folder['path']} has {folder['reason']}; it is not a class")
+    imbalance = report["class_imbalance"]
+    if imbalance["ratio"] >= IMBALANCE_WARNING:
+        print(f"split: warning: class '{imbalance['largest']}' has {imbalance['ratio']}x the images of "
+              f"'{imbalance['smallest']}'; consider train.class_balance=loss (or sampler), and read "
+              f"balanced_accuracy in metrics/eval.json")
     print(f"split: {report['images']} across {len(classes)} classes; {len(skipped)} files skipped "
           f"(see {DATA_REPORT})")
 

@@ -15,6 +15,7 @@ import copy
 import math
 import os
 import signal
+import statistics
 import time
 from typing import NamedTuple
 
@@ -23,7 +24,9 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DistributedSampler, WeightedRandomSampler
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 from src import runtime, tracking
@@ -57,8 +60,8 @@ def load_data(params, class_names, device, processes_per_machine=1):
     if cache == "auto":
         cache = len(train_paths) + len(val_paths) <= CACHE_LIMIT
     side = resize_size(data["image_size"])
-    train_set = ImageListDataset(train_paths, train_labels,
-                                 train_transform(data["image_size"], cfg["crop_scale"], cfg["hflip"]), cache, side)
+    augment = train_transform(data["image_size"], cfg["crop_scale"], cfg["hflip"], cfg["augment"], cfg["random_erasing"])
+    train_set = ImageListDataset(train_paths, train_labels, augment, cache, side)
     val = (ImageFiles(val_paths, data["image_size"], keep=cache), torch.tensor(val_labels, dtype=torch.long))
     return train_set, val, loader_workers(cfg["workers"], cache, device, processes_per_machine)
 
@@ -86,15 +89,46 @@ def make_optimizer(model, cfg):
     return optimizer_class(groups, lr=cfg["lr"])
 
 
-def make_scheduler(optimizer, cfg, steps_per_epoch):
+class EpochPlan:
+    """How many epochs to train: train.epochs, or, with train.time_budget (minutes), as many as
+    fit in it. The budget's count is planned after every epoch from the measured epoch times,
+    validation included (the first epoch, slower while kernels warm up, only until others exist),
+    so the cosine schedule is stretched to end when the time does. Until the first plan the
+    schedule holds its starting rate."""
+
+    def __init__(self, cfg, history=()):
+        self.budget = cfg["time_budget"] * 60
+        self.epochs = None if self.budget else cfg["epochs"]
+        self.durations = []
+        if history:  # a resumed run keeps its plan until the next epoch re-plans it
+            self.epochs = history[-1]["planned_epochs"]
+
+    def elapsed_before(self, history):
+        return history[-1]["seconds"] if history else 0.0
+
+    def update(self, epoch, duration, elapsed):
+        if not self.budget:
+            return
+        self.durations.append(duration)
+        per_epoch = statistics.median(self.durations[1:][-3:] or self.durations)
+        plan = [epoch + max(0, round((self.budget - elapsed) / per_epoch))]
+        if torch_dist.is_initialized():  # clocks differ a little: every rank follows rank 0's plan
+            torch_dist.broadcast_object_list(plan, src=0)
+        self.epochs = plan[0]
+
+    def more(self, epoch):
+        return self.epochs is None or epoch <= self.epochs
+
+
+def make_scheduler(optimizer, cfg, steps_per_epoch, plan):
     """Stepped once per batch, so warmup and cosine are smooth even over few epochs."""
-    total = cfg["epochs"] * steps_per_epoch
     warmup = cfg["warmup_epochs"] * steps_per_epoch
 
     def factor(step):
         if step < warmup:
             return (step + 1) / warmup
         if cfg["scheduler"] == "cosine":
+            total = plan.epochs * steps_per_epoch if plan.epochs else step + 1  # not planned yet: no decay
             progress = (step - warmup) / max(1, total - warmup)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         if cfg["scheduler"] == "step":
@@ -111,11 +145,16 @@ class Trainer(NamedTuple):
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler  # loss scaling for fp16; a no-op for bf16 and fp32
     grad_clip: float
+    mix: object = None  # MixUp / CutMix on the normalised batch: (images, labels) -> (images, soft targets)
+    ema: "WeightEma" = None  # the weights' exponential moving average: what is validated and saved
 
     def step(self, model, images, labels, run):
+        targets = labels
+        if self.mix is not None:
+            images, targets = self.mix(images, labels)
         with run.autocast():
             logits = model(images)
-            loss = self.criterion(logits, labels)
+            loss = self.criterion(logits, targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.grad_clip > 0:
@@ -124,14 +163,64 @@ class Trainer(NamedTuple):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(model)
         return loss, logits
 
+    def scored(self, model):
+        """The weights that are validated, chosen as best and saved."""
+        return self.ema.module if self.ema is not None else model
 
-def make_trainer(model, cfg, steps_per_epoch, run):
+
+class WeightEma(AveragedModel):
+    """The weights' exponential moving average (torch.optim.swa_utils), BatchNorm statistics
+    included: averaged <- decay * averaged + (1 - decay) * current after every step. The decay
+    warms up as (1 + n) / (10 + n) over the first updates (timm's rule), so that a short run's
+    average is not dominated by its random initial weights."""
+
+    def __init__(self, model, decay):
+        super().__init__(model, multi_avg_fn=self.blend, use_buffers=True)
+        self.decay, self.updates, self.decay_now = decay, 0, decay
+
+    def update_parameters(self, model):
+        self.decay_now = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1  # counted here: blend runs once per dtype group
+        super().update_parameters(model)
+
+    def load_state_dict(self, state, *args, **kwargs):
+        result = super().load_state_dict(state, *args, **kwargs)
+        self.updates = int(self.n_averaged)
+        return result
+
+    def blend(self, averaged, current, num_averaged):
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1 - self.decay_now)
+        else:  # BatchNorm's batch counters: the current count
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+
+
+def class_weights(labels, n_classes):
+    """scikit-learn's "balanced" weights: n / (classes * count), 1 for every class when balanced."""
+    counts = torch.bincount(torch.as_tensor(labels), minlength=n_classes).double()
+    return (len(labels) / (n_classes * counts.clamp(min=1))).float()
+
+
+def make_mix(cfg, n_classes):
+    """MixUp and/or CutMix (torchvision.transforms.v2), one of them per batch; None when both are off."""
+    mixes = ([v2.MixUp(alpha=cfg["mixup"], num_classes=n_classes)] if cfg["mixup"] > 0 else []) + \
+            ([v2.CutMix(alpha=cfg["cutmix"], num_classes=n_classes)] if cfg["cutmix"] > 0 else [])
+    return v2.RandomChoice(mixes) if mixes else None
+
+
+def make_trainer(model, cfg, steps_per_epoch, run, plan, train_labels, n_classes):
     optimizer = make_optimizer(model, cfg)
-    return Trainer(nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"]), optimizer,
-                   make_scheduler(optimizer, cfg, steps_per_epoch),
-                   torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16), cfg["grad_clip"])
+    weight = class_weights(train_labels, n_classes).to(run.device) if cfg["class_balance"] == "loss" else None
+    ema = WeightEma(model, cfg["ema_decay"]) if cfg["ema_decay"] > 0 else None
+    return Trainer(nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg["label_smoothing"]), optimizer,
+                   make_scheduler(optimizer, cfg, steps_per_epoch, plan),
+                   torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16), cfg["grad_clip"],
+                   make_mix(cfg, n_classes), ema)
 
 
 def train_one_epoch(model, loader, trainer, run, epoch, show_progress=True):
@@ -196,7 +285,15 @@ def train_loader(params, train_set, workers, dist, device):
                         f"over {dist.world_size} processes; use a multiple of {dist.world_size}")
     batch_size = cfg["batch_size"] // dist.world_size
     generator = torch.Generator().manual_seed(params["seed"])
-    sampler = DistributedSampler(train_set, seed=params["seed"]) if dist.world_size > 1 else None
+    sampler = None
+    if dist.world_size > 1:
+        if cfg["class_balance"] == "sampler":
+            raise UserError("train.class_balance=sampler is single-process; under torchrun use "
+                            "train.class_balance=loss")
+        sampler = DistributedSampler(train_set, seed=params["seed"])
+    elif cfg["class_balance"] == "sampler":  # every class equally likely per draw, an epoch's worth of draws
+        counts = torch.bincount(torch.as_tensor(train_set.labels)).double()
+        sampler = WeightedRandomSampler(1 / counts[train_set.labels], len(train_set), generator=generator)
     lone_last = len(sampler or train_set) % batch_size == 1  # a batch of one would crash BatchNorm
     loader = make_loader(train_set, batch_size, shuffle=True, workers=workers, pin_memory=device.type == "cuda",
                          sampler=sampler, generator=generator, drop_last=lone_last)
@@ -217,8 +314,9 @@ def main():
         model = model.to(memory_format=torch.channels_last)
     train_set, val, workers = load_data(params, class_names, device, dist.local_world_size)
     loader, sampler, generator = train_loader(params, train_set, workers, dist, device)
-    trainer = make_trainer(model, cfg, len(loader), run)
     progress = Progress(params, class_names, mean_std, dist)
+    plan = EpochPlan(cfg, progress.resumed["history"] if progress.resumed else ())
+    trainer = make_trainer(model, cfg, len(loader), run, plan, train_set.labels, len(class_names))
     progress.restore(model, trainer, generator)
 
     def wrap(model):
@@ -234,27 +332,34 @@ def main():
         print(f"train: {params['arch']} on {device} ({run.precision_name}{layout}"
               f"{f', {dist.world_size} processes' if dist.world_size > 1 else ''}), {len(train_set)} train / "
               f"{len(val[1])} val images, {len(class_names)} classes" + progress.resuming_note())
-    started = time.time()
+    # The clock of train.time_budget and train_seconds; a resumed run adds the time it had.
+    started = time.time() - plan.elapsed_before(progress.history)
     # Opened before the first epoch so an unreachable tracking server fails fast.
     with (tracking.start_training_run(params, read_json(DATA_REPORT)["dataset_digest"], run_id=progress.run_id)
           if dist.is_main else contextlib.nullcontext()) as mlflow_run:
         progress.begin(mlflow_run)
-        for epoch in range(progress.next_epoch, cfg["epochs"] + 1):
-            if sampler is not None:
+        epoch = progress.next_epoch
+        while plan.more(epoch):
+            epoch_start = time.time()
+            if isinstance(sampler, DistributedSampler):
                 sampler.set_epoch(epoch)
             if set_transfer_phase(model, params["model"], epoch):  # head_first: unfreeze now
                 train_model = wrap(model)
             lr = trainer.optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_one_epoch(train_model, loader, trainer, run, epoch, dist.is_main)
             # Every rank scores the whole (small) val set with identical weights, so all ranks
-            # agree on early stopping without another collective.
+            # agree on early stopping and on the time budget's plan without another collective.
             sync_buffers(model)
-            val_loss, val_acc = evaluate(model, progress.info, val, device, cfg["batch_size"])
+            sync_buffers(trainer.scored(model))
+            val_loss, val_acc = evaluate(trainer.scored(model), progress.info, val, device, cfg["batch_size"])
+            plan.update(epoch, time.time() - epoch_start, time.time() - started)
             stop = progress.end_epoch({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr},
+                                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+                                       "seconds": round(time.time() - started, 2), "planned_epochs": plan.epochs},
                                       model, trainer, generator, gather_rng_states(dist))
             if stop:
                 break
+            epoch += 1
         if dist.is_main:
             summarise(params, progress, time.time() - started)
     if torch_dist.is_initialized():

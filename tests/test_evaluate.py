@@ -44,6 +44,7 @@ def sklearn_metrics(y_true, probs, class_names):
     labels = list(range(len(class_names)))
     y_pred = probs.argmax(1)
     expected = {"images": len(y_true), "accuracy": skm.accuracy_score(y_true, y_pred),
+                "balanced_accuracy": skm.balanced_accuracy_score(y_true, y_pred),
                 "loss": skm.log_loss(y_true, probs, labels=labels),
                 "ece": reference_ece(probs.max(1), y_pred == y_true, 15)}
     if len(class_names) > 5:

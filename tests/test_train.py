@@ -10,11 +10,11 @@ from src.common import UserError
 from src.device import cpu_has_bf16, pick_precision, use_channels_last
 from src.inference import load_trained_model
 from src.model import resnet18
-from src.train import make_optimizer, make_scheduler
+from src.train import EpochPlan, make_optimizer, make_scheduler
 
 CFG = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
        "decay_bn_and_bias": False, "scheduler": "cosine", "warmup_epochs": 1, "epochs": 4, "step_size": 2,
-       "gamma": 0.1}
+       "gamma": 0.1, "time_budget": 0}
 
 
 def held_out_accuracy(project):
@@ -57,7 +57,7 @@ def test_weight_decay_skips_batchnorm_and_bias_unless_asked():
 
 def lrs(cfg, steps_per_epoch=2):
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg["lr"])
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch, EpochPlan(cfg))
     seen = []
     for _ in range(cfg["epochs"] * steps_per_epoch):
         seen.append(optimizer.param_groups[0]["lr"])
