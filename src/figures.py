@@ -6,6 +6,7 @@ pyplot is imported inside the functions so the caller chooses the backend first
 import math
 
 import numpy as np
+from PIL import Image
 
 from src.common import atomic_path
 from src.images import open_rgb
@@ -48,7 +49,7 @@ def confusion_figure(cm, class_names, title):
 
 
 def image_grid(paths, titles, title=None, title_colors=None, columns=4):
-    """Each image (decoded as training decodes it) above its title."""
+    """Each image (a file, decoded as training decodes it, or an H x W x 3 uint8 array) above its title."""
     from matplotlib import pyplot as plt
     n = max(1, len(paths))
     cols = min(columns, n) if paths else 2  # an empty grid still needs room for its title
@@ -61,7 +62,7 @@ def image_grid(paths, titles, title=None, title_colors=None, columns=4):
         ax.axis("off")
     for k, (ax, path, text) in enumerate(zip(axes.flat, paths, titles)):
         try:
-            img = open_rgb(path)
+            img = Image.fromarray(path) if isinstance(path, np.ndarray) else open_rgb(path)
             img.thumbnail((THUMBNAIL, THUMBNAIL))
             ax.imshow(img, interpolation="nearest" if max(img.size) < 64 else "antialiased")
         except Exception:  # a caption without a picture beats no figure at all
