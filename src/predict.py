@@ -127,6 +127,8 @@ def parse_args(argv, params):
     parser.add_argument("--format", choices=["csv", "json"], help="default: from --output's extension, else csv")
     parser.add_argument("--top-k", type=int, default=cfg["top_k"], help="classes per file (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=cfg["batch_size"], help="default: %(default)s")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=cfg["precision"],
+                        help="torch backend (default: %(default)s)")
     parser.add_argument("--compile", choices=["auto", "true", "false"], default=str(cfg["compile"]).lower(),
                         help="torch.compile the model (default: %(default)s; auto = from 30,000 files on CPU)")
     parser.add_argument("--backend", choices=["auto", "torch", "onnx", "int8"], default=cfg["backend"],
@@ -182,7 +184,7 @@ def classify(args, cfg, files, device):
         return torch.from_numpy(probs), errors, classifier.class_names, backend
     model, ckpt = load_trained_model(args.model, device)
     compile_choice = {"auto": "auto", "true": True, "false": False}[args.compile]
-    logits, errors = classify_files(model, ckpt, files, device, args.batch_size, cfg["precision"], cfg["workers"],
+    logits, errors = classify_files(model, ckpt, files, device, args.batch_size, args.precision, cfg["workers"],
                                     compile_choice, desc="predict")
     return torch.softmax(logits, 1), errors, ckpt["class_names"], backend
 
