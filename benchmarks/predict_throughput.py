@@ -41,7 +41,7 @@ from src.checkpoint import save_checkpoint  # noqa: E402
 from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_crop, eval_transform  # noqa: E402
 from src.images import image_problem  # noqa: E402
 from src.inference import compiled, forward, load_trained_model, prepare_for_inference  # noqa: E402
-from src.device import cpu_has_bf16  # noqa: E402
+from src.device import Normalizer, cpu_has_bf16  # noqa: E402
 from src.onnx_model import export_onnx, quantize_int8, set_metadata  # noqa: E402
 from src.networks import build_model  # noqa: E402
 from src.params import load_params  # noqa: E402
@@ -121,7 +121,8 @@ def main():
 
         def real(backend, precision="auto"):
             def run_predict():
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as log:
+                log = io.StringIO()
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                     code = predict.main([*inputs, "--model", str(tmp / "model.pt"), "--backend", backend,
                                          "--precision", precision, "--output", str(tmp / f"{name}.csv"),
                                          "--batch-size", str(batch), "--compile", "true" if args.compile else "false"])
@@ -155,7 +156,8 @@ def main():
 
         # Does the fast path (bf16 when chosen) pick the same class as plain fp32?
         with torch.inference_mode():
-            fp32 = torch.cat([slow_model(preloaded[i:i + batch]) for i in range(0, len(preloaded), batch)])
+            normalize = Normalizer(ckpt["mean"], ckpt["std"], device)  # preloaded holds uint8 crops
+            fp32 = torch.cat([slow_model(normalize(preloaded[i:i + batch])) for i in range(0, len(preloaded), batch)])
         fp32_top1 = [ckpt["class_names"][i] for i in fp32.argmax(1).tolist()]
         agree = {"bare": (bare().argmax(1) == fp32.argmax(1)).float().mean().item()}
         for name in contenders:

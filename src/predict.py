@@ -133,8 +133,8 @@ def parse_args(argv, params):
                         help="torch.compile the model (default: %(default)s; auto = from 30,000 files on CPU)")
     parser.add_argument("--backend", choices=["auto", "torch", "onnx", "int8"], default=cfg["backend"],
                         help="torch (the checkpoint), onnx or int8 (the files `dvc repro export` writes beside "
-                             "it, under onnxruntime); auto: int8 on CPUs without native bf16 where it "
-                             "measured >= 99%% top-1 agreement, else torch (default: %(default)s)")
+                             "it, under onnxruntime); auto: int8 on a CPU where export measured >= 99%% "
+                             "top-1 agreement, else torch (default: %(default)s)")
     parser.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay per readable image into DIR")
     parser.add_argument("--picture", nargs="?", const="", metavar="PNG",
                         help="draw the images titled with their predictions: into PNG, or a window when "
@@ -154,12 +154,11 @@ INT8_MIN_AGREEMENT = 0.99
 
 def pick_backend(choice, checkpoint, device):
     """(backend, OnnxClassifier or None). The ONNX files must come from this very checkpoint.
-    auto: the int8 model on a CPU without native bf16 (where it measured fastest,
-    benchmarks/README.md) if its top-1 agreement with fp32 on the held-out split, measured by
-    export, is >= 99%; else torch (bf16 where the CPU has it natively, or the GPU)."""
-    from src.device import cpu_has_bf16
+    auto: on a CPU the int8 model, the fastest path measured with or without native bf16
+    (benchmarks/README.md), if its top-1 agreement with fp32 on the held-out split, measured
+    by export, is >= 99%; else (and on GPUs) torch, in bf16 where the hardware has it natively."""
     from src.onnx_model import OnnxClassifier
-    if choice == "torch" or (choice == "auto" and (device.type != "cpu" or cpu_has_bf16())):
+    if choice == "torch" or (choice == "auto" and device.type != "cpu"):
         return "torch", None
     backend = "int8" if choice == "auto" else choice
     path = Path(checkpoint).with_suffix(ONNX_FILES[backend])

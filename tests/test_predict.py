@@ -171,9 +171,18 @@ def test_onnx_backends_give_the_torch_rows_and_keep_error_rows(exported):
             for got, want in zip(rows, torch_rows):
                 if not got["error"]:
                     assert float(got["probability"]) == pytest.approx(float(want["probability"]), abs=1e-4)
-    # auto: int8 on a CPU without native bf16 (its recorded agreement passes), torch where bf16 is native
-    assert "(int8)" in predict(project, *common, "--backend", "auto", RESNET_TL_NATIVE_BF16="0").stderr
-    assert "(torch)" in predict(project, *common, "--backend", "auto", RESNET_TL_NATIVE_BF16="1").stderr
+    # auto: int8 where export recorded >= 99% agreement, else torch
+    assert "(int8)" in predict(project, *common, "--backend", "auto").stderr
+
+
+def test_auto_backend_runs_torch_when_int8_agreed_too_little(exported, tmp_path):
+    from src.onnx_model import set_metadata
+    project, model, images = exported
+    for suffix in (".pt", ".onnx", ".int8.onnx"):
+        (tmp_path / f"model{suffix}").write_bytes(model.with_suffix(suffix).read_bytes())
+    set_metadata(tmp_path / "model.int8.onnx", {"top1_agreement_vs_fp32": "0.95"})
+    result = predict(project, images, "--model", tmp_path / "model.pt", "--backend", "auto")
+    assert result.returncode == 0 and "(torch)" in result.stderr, result.stderr
 
 
 def test_onnx_backend_refuses_a_file_exported_from_another_checkpoint(exported, tmp_path):
