@@ -4,11 +4,8 @@ import base64
 import csv
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import mlflow
@@ -17,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import env, free_port, make_project, run, write_image_folder
+from conftest import env, free_port, make_project, run, stop_server, wait_until_answers, write_image_folder
 
 CLASSES = ["circle", "cross", "square"]  # write_image_folder's, sorted
 
@@ -88,17 +85,7 @@ def test_mlflow_models_serve_answers_a_base64_jpeg_with_its_class(exported, tmp_
         cwd=tmp_path, env={**env(), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            assert server.poll() is None, f"mlflow models serve exited: {server.stderr.read().decode()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "mlflow models serve did not answer /ping"
-            time.sleep(1)
+        wait_until_answers(server, f"http://127.0.0.1:{port}/ping", "mlflow models serve")
         body = {"dataframe_split": {"columns": ["image"], "data": [[jpeg_base64(project / test[-1]["path"])],
                                                                    ["%%% not base64 %%%"]]}}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
@@ -108,9 +95,4 @@ def test_mlflow_models_serve_answers_a_base64_jpeg_with_its_class(exported, tmp_
         assert good["class"] == test[-1]["label"] and good["error"] == ""
         assert bad["class"] == "" and "base64" in bad["error"]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_server(server)
