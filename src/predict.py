@@ -199,12 +199,15 @@ def write_explanations(rows, checkpoint, folder):
     readable = [r for r in rows if not r["error"]]
     files = ImageFiles([r["file"] for r in readable], ckpt["image_size"])
     classes = [ckpt["class_names"].index(r["top_k"][0][0]) for r in readable]
-    pictures = overlays(model, ckpt, [files.pixels(i)[0] for i in range(len(files))], classes)
+    names = overlay_names(files.paths)
     Path(folder).mkdir(parents=True, exist_ok=True)
-    for name, picture in zip(overlay_names(files.paths), pictures):
-        with atomic_path(Path(folder) / name) as tmp:
-            Image.fromarray(picture).save(tmp, format="PNG")
-    return len(pictures)
+    for start in range(0, len(files), 64):  # a chunk at a time: overlays of many files need not fit in memory
+        chunk = range(start, min(start + 64, len(files)))
+        for i, picture in zip(chunk, overlays(model, ckpt, [files.pixels(i)[0] for i in chunk],
+                                              classes[chunk.start:chunk.stop])):
+            with atomic_path(Path(folder) / names[i]) as tmp:
+                Image.fromarray(picture).save(tmp, format="PNG")
+    return len(files)
 
 
 def main(argv=None):
