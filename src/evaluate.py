@@ -146,7 +146,7 @@ def main():
     save_figure(image_grid(explained(model, ckpt, [paths[i] for i in worst], probs[worst].argmax(1)), titles,
                            title_colors=["firebrick"] * len(worst),
                            title=f"Most confidently wrong: {len(worst)} of {n_wrong} mistakes on {len(paths)} "
-                                 f"{split} images, with the Grad-CAM of the predicted class"), MISCLASSIFIED_PNG)
+                                 f"{split} images\n(heat map: Grad-CAM of the predicted class)"), MISCLASSIFIED_PNG)
 
     if ckpt.get("mlflow_run_id"):
         tracking.log_evaluation(params, ckpt["mlflow_run_id"], split, metrics,

@@ -4,6 +4,7 @@ pyplot is imported inside the functions so the caller chooses the backend first
 (evaluate forces Agg; `predict --picture` keeps a window when there is a display).
 """
 import math
+import textwrap
 
 import numpy as np
 from PIL import Image
@@ -72,6 +73,6 @@ def image_grid(paths, titles, title=None, title_colors=None, columns=4):
     if not paths:
         axes.flat[0].text(1.0, 0.5, "nothing to show", ha="center", va="center", fontsize=14,
                           transform=axes.flat[0].transAxes)
-    if title:
-        fig.suptitle(title)
+    if title:  # wrapped to the grid's width (~30 characters a column): a one-image grid is narrow
+        fig.suptitle("\n".join(textwrap.fill(line, 30 * cols) for line in title.split("\n")))
     return fig
