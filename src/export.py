@@ -81,8 +81,9 @@ def main():
     write_json(EXPORT_METRICS, metrics)
     if ckpt.get("mlflow_run_id"):
         serving.log_image_model(params, ckpt["mlflow_run_id"], ONNX_MODEL, paths[0])
-    print(f"export: {ONNX_MODEL} top-1 agreement {metrics['onnx']['top1_agreement']:.4f}, max prob diff "
-          f"{metrics['onnx']['max_prob_diff']:.2e}; {ONNX_INT8_MODEL} agreement {metrics['int8']['top1_agreement']:.4f} "
+    onnx, int8 = metrics["onnx"], metrics["int8"]
+    print(f"export: {ONNX_MODEL} top-1 agreement {onnx['top1_agreement']:.4f}, max prob diff "
+          f"{onnx['max_prob_diff']:.2e}; {ONNX_INT8_MODEL} agreement {int8['top1_agreement']:.4f} "
           f"on {len(paths)} {split} images -> {EXPORT_METRICS}")
 
 
