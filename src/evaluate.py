@@ -25,10 +25,10 @@ from src.common import UserError, run_stage, write_json, write_text
 from src.data import rows_for
 from src.device import pick_device
 from src.figures import confusion_figure, image_grid, save_figure
-from src.inference import classify_files, load_trained_model
+from src.explain import overlays
+from src.inference import ImageFiles, classify_files, load_trained_model
 from src.params import flatten, load_params
 from src.paths import CONFUSION_CSV, CONFUSION_PNG, EVAL_METRICS, MISCLASSIFIED_PNG, MODEL
-
 
 
 def confusion_matrix(y_true, y_pred, n_classes):
@@ -92,6 +92,12 @@ def confidently_wrong(paths, y_true, probs, limit):
     return wrong[np.argsort(-probs[wrong, y_pred[wrong]], kind="stable")][:limit]
 
 
+def explained(model, ckpt, paths, classes):
+    """The images as the model saw them (resized, cropped), under the Grad-CAM heat map of `classes`."""
+    files = ImageFiles(paths, ckpt["image_size"])
+    return overlays(model, ckpt, [files.pixels(i)[0] for i in range(len(files))], classes) if paths else []
+
+
 def per_class_report(metrics, class_names, worst=10):
     lines = [f"{'class':>20}  precision  recall     f1  support   (lowest f1 first)"]
     per_class = metrics["per_class"]
@@ -147,9 +153,10 @@ def main():
     titles = [f"{Path(paths[i]).name}\ntrue: {class_names[y_true[i]]}\npredicted: {class_names[probs[i].argmax()]} "
               f"({probs[i].max():.0%})" for i in worst]
     n_wrong = int((probs.argmax(1) != y_true).sum())
-    save_figure(image_grid([paths[i] for i in worst], titles, title_colors=["firebrick"] * len(worst),
+    save_figure(image_grid(explained(model, ckpt, [paths[i] for i in worst], probs[worst].argmax(1)), titles,
+                           title_colors=["firebrick"] * len(worst),
                            title=f"Most confidently wrong: {len(worst)} of {n_wrong} mistakes on {len(paths)} "
-                                 f"{split} images"), MISCLASSIFIED_PNG)
+                                 f"{split} images\n(heat map: Grad-CAM of the predicted class)"), MISCLASSIFIED_PNG)
 
     if ckpt.get("mlflow_run_id"):
         tracking.log_evaluation(params, ckpt["mlflow_run_id"], split, metrics,

@@ -4,8 +4,10 @@ pyplot is imported inside the functions so the caller chooses the backend first
 (evaluate forces Agg; `predict --picture` keeps a window when there is a display).
 """
 import math
+import textwrap
 
 import numpy as np
+from PIL import Image
 
 from src.common import atomic_path
 from src.images import open_rgb
@@ -48,7 +50,7 @@ def confusion_figure(cm, class_names, title):
 
 
 def image_grid(paths, titles, title=None, title_colors=None, columns=4):
-    """Each image (decoded as training decodes it) above its title."""
+    """Each image (a file, decoded as training decodes it, or an H x W x 3 uint8 array) above its title."""
     from matplotlib import pyplot as plt
     n = max(1, len(paths))
     cols = min(columns, n) if paths else 2  # an empty grid still needs room for its title
@@ -61,7 +63,7 @@ def image_grid(paths, titles, title=None, title_colors=None, columns=4):
         ax.axis("off")
     for k, (ax, path, text) in enumerate(zip(axes.flat, paths, titles)):
         try:
-            img = open_rgb(path)
+            img = Image.fromarray(path) if isinstance(path, np.ndarray) else open_rgb(path)
             img.thumbnail((THUMBNAIL, THUMBNAIL))
             ax.imshow(img, interpolation="nearest" if max(img.size) < 64 else "antialiased")
         except Exception:  # a caption without a picture beats no figure at all
@@ -71,6 +73,6 @@ def image_grid(paths, titles, title=None, title_colors=None, columns=4):
     if not paths:
         axes.flat[0].text(1.0, 0.5, "nothing to show", ha="center", va="center", fontsize=14,
                           transform=axes.flat[0].transAxes)
-    if title:
-        fig.suptitle(title)
+    if title:  # wrapped to the grid's width (~30 characters a column): a one-image grid is narrow
+        fig.suptitle("\n".join(textwrap.fill(line, 30 * cols) for line in title.split("\n")))
     return fig

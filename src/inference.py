@@ -191,6 +191,20 @@ def decoded_batches(files, batch_size, threads):
             yield torch.from_numpy(batch).permute(0, 3, 1, 2), errors
 
 
+def image_batches(files, batch_size, workers="auto", device=torch.device("cpu"), desc="classify"):
+    """(uint8 N x C x H x W images, errors) per batch of an ImageFiles, decoded by threads or
+    worker processes (`inference_workers`), with a progress bar on a terminal."""
+    workers = inference_workers(workers, len(files), batch_size)
+    if workers == 0:
+        batches = decoded_batches(files, batch_size, cpu_count())
+    else:
+        batches = DataLoader(files, batch_sampler=[range(a, b) for a, b in batch_bounds(len(files), batch_size)],
+                             num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4)
+    # The bar shows only on a terminal (disable=None), so logs and CSVs stay clean.
+    return tqdm(batches, total=len(batch_bounds(len(files), batch_size)), desc=desc, unit="batch", leave=False,
+                disable=None)
+
+
 @torch.inference_mode()
 def classify_files(model, ckpt, paths, device, batch_size, precision="auto", workers="auto", use_compile=False,
                    desc="classify", tta=False):
@@ -205,17 +219,9 @@ def classify_files(model, ckpt, paths, device, batch_size, precision="auto", wor
     size = ckpt["image_size"]
     model, run = prepare_for_inference(model, device, size, ckpt, precision)
     files = paths if isinstance(paths, ImageFiles) else ImageFiles(paths, size)
-    workers = inference_workers(workers, len(files), batch_size)
-    if workers == 0:
-        batches = decoded_batches(files, batch_size, cpu_count())
-    else:
-        batches = DataLoader(files, batch_sampler=[range(a, b) for a, b in batch_bounds(len(files), batch_size)],
-                             num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4)
     fast = compiled(model, use_compile, len(files), device)
     all_logits, errors = [torch.empty(0, ckpt["num_classes"])], []
-    # The bar shows only on a terminal (disable=None), so logs and CSVs stay clean.
-    for images, batch_errors in tqdm(batches, total=len(batch_bounds(len(files), batch_size)), desc=desc,
-                                     unit="batch", leave=False, disable=None):
+    for images, batch_errors in image_batches(files, batch_size, workers, device, desc):
         # The last, smaller batch runs uncompiled: a new shape would mean compiling again.
         if fast is not None and len(images) == batch_size:
             try:

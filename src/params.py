@@ -124,6 +124,10 @@ SCHEMA = {
         "precision": choice("auto", "fp32", "bf16"),
         "workers": either(choice("auto"), integer(0)),
         "compile": choice("auto", True, False),
+        "backend": choice("auto", "torch", "onnx", "int8"),
+    },
+    "export": {
+        "calibration_images": integer(1),
     },
     "mlflow": {
         "experiment": text,

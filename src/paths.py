@@ -20,6 +20,9 @@ CONFUSION_CSV = Path("metrics/confusion.csv")
 CONFUSION_PNG = Path("metrics/confusion.png")
 MISCLASSIFIED_PNG = Path("metrics/misclassified.png")
 PREDICTIONS = Path("data/predictions.csv")
+ONNX_MODEL = Path("models/model.onnx")            # export: fp32, uint8 images in, probabilities out
+ONNX_INT8_MODEL = Path("models/model.int8.onnx")  # export: the same, int8 (static, calibrated)
+EXPORT_METRICS = Path("metrics/export.json")      # export: onnxruntime against PyTorch
 
 
 def workspace_root():

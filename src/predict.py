@@ -5,10 +5,12 @@
     python -m src.predict photo.jpg dir/ 'shots/**/*.png'   # files, folders (recursive), globs -> stdout
     python -m src.predict dir/ --output preds.json --top-k 5
     python -m src.predict photo.jpg --picture      # the tutorial's plot: the image titled with its class
+    python -m src.predict photo.jpg --explain out/ # out/photo.gradcam.png: where the model looked
+    python -m src.predict dir/ --backend int8      # models/model.int8.onnx under onnxruntime
 
 Everything about the model (arch, classes, image size, normalisation) comes from the
-checkpoint. Every file gets a row: its top-k classes with probabilities, or why it could
-not be read. Exit code 0 when every file was classified, 1 when any could not be (2 for a
+checkpoint (or the exported ONNX file's metadata). Every file gets a row: its top-k classes
+with probabilities, or why it could not be read. Exit code 0 when every file was classified, 1 when any could not be (2 for a
 usage problem).
 """
 import argparse
@@ -55,10 +57,10 @@ def expand_inputs(inputs):
     return list(dict.fromkeys(files))
 
 
-def result_rows(files, logits, errors, class_names, top_k):
+def result_rows(files, probs, errors, class_names, top_k):
     """One dict per file: {file, top_k: [(class, probability), ...], error}."""
     k = min(top_k, len(class_names))
-    top_p, top_i = torch.softmax(logits, 1).topk(k, dim=1)
+    top_p, top_i = torch.as_tensor(probs).topk(k, dim=1)
     return [{"file": str(f), "error": err or None,
              "top_k": [] if err else [(class_names[i], p) for i, p in zip(idx.tolist(), prob.tolist())]}
             for f, err, prob, idx in zip(files, errors, top_p, top_i)]
@@ -125,8 +127,15 @@ def parse_args(argv, params):
     parser.add_argument("--format", choices=["csv", "json"], help="default: from --output's extension, else csv")
     parser.add_argument("--top-k", type=int, default=cfg["top_k"], help="classes per file (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=cfg["batch_size"], help="default: %(default)s")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=cfg["precision"],
+                        help="torch backend (default: %(default)s)")
     parser.add_argument("--compile", choices=["auto", "true", "false"], default=str(cfg["compile"]).lower(),
                         help="torch.compile the model (default: %(default)s; auto = from 30,000 files on CPU)")
+    parser.add_argument("--backend", choices=["auto", "torch", "onnx", "int8"], default=cfg["backend"],
+                        help="torch (the checkpoint), onnx or int8 (the files `dvc repro export` writes beside "
+                             "it, under onnxruntime); auto: int8 on a CPU where export measured >= 99%% "
+                             "top-1 agreement, else torch (default: %(default)s)")
+    parser.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay per readable image into DIR")
     parser.add_argument("--picture", nargs="?", const="", metavar="PNG",
                         help="draw the images titled with their predictions: into PNG, or a window when "
                              "there is a display, else prediction.png")
@@ -139,25 +148,84 @@ def parse_args(argv, params):
     return args
 
 
+ONNX_FILES = {"onnx": ".onnx", "int8": ".int8.onnx"}  # beside the checkpoint: models/model.onnx, ...
+INT8_MIN_AGREEMENT = 0.99
+
+
+def pick_backend(choice, checkpoint, device):
+    """(backend, OnnxClassifier or None). The ONNX files must come from this very checkpoint.
+    auto: on a CPU the int8 model, the fastest path measured with or without native bf16
+    (benchmarks/README.md), if its top-1 agreement with fp32 on the held-out split, measured
+    by export, is >= 99%; else (and on GPUs) torch, in bf16 where the hardware has it natively."""
+    from src.onnx_model import OnnxClassifier
+    if choice == "torch" or (choice == "auto" and device.type != "cpu"):
+        return "torch", None
+    backend = "int8" if choice == "auto" else choice
+    path = Path(checkpoint).with_suffix(ONNX_FILES[backend])
+    if choice == "auto" and not path.is_file():
+        return "torch", None
+    classifier = OnnxClassifier(path)
+    if not classifier.matches(checkpoint):
+        if choice == "auto":
+            return "torch", None
+        raise UserError(f"{path} was exported from another checkpoint than {checkpoint}; rerun `dvc repro export`")
+    if choice == "auto" and float(classifier.meta.get("top1_agreement_vs_fp32", 0)) < INT8_MIN_AGREEMENT:
+        return "torch", None
+    return backend, classifier
+
+
+def classify(args, cfg, files, device):
+    """(probabilities, errors, class names, backend name) of the files with the chosen backend."""
+    backend, classifier = pick_backend(args.backend, args.model, device)
+    if classifier is not None:
+        from src.onnx_model import classify_files_onnx
+        probs, errors = classify_files_onnx(classifier, files, args.batch_size, cfg["workers"])
+        return torch.from_numpy(probs), errors, classifier.class_names, backend
+    model, ckpt = load_trained_model(args.model, device)
+    compile_choice = {"auto": "auto", "true": True, "false": False}[args.compile]
+    logits, errors = classify_files(model, ckpt, files, device, args.batch_size, args.precision, cfg["workers"],
+                                    compile_choice, desc="predict")
+    return torch.softmax(logits, 1), errors, ckpt["class_names"], backend
+
+
+def write_explanations(rows, checkpoint, folder):
+    """One Grad-CAM overlay PNG per readable file (of its top class) in `folder`; returns how many."""
+    from PIL import Image
+    from src.common import atomic_path
+    from src.explain import overlay_names, overlays
+    from src.inference import ImageFiles
+
+    model, ckpt = load_trained_model(checkpoint)  # fp32 on the CPU: gradients, one image batch at a time
+    readable = [r for r in rows if not r["error"]]
+    files = ImageFiles([r["file"] for r in readable], ckpt["image_size"])
+    classes = [ckpt["class_names"].index(r["top_k"][0][0]) for r in readable]
+    names = overlay_names(files.paths)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(files), 64):  # a chunk at a time: overlays of many files need not fit in memory
+        chunk = range(start, min(start + 64, len(files)))
+        for i, picture in zip(chunk, overlays(model, ckpt, [files.pixels(i)[0] for i in chunk],
+                                              classes[chunk.start:chunk.stop])):
+            with atomic_path(Path(folder) / names[i]) as tmp:
+                Image.fromarray(picture).save(tmp, format="PNG")
+    return len(files)
+
+
 def main(argv=None):
     runtime.start()
     params = load_params()
     args = parse_args(argv, params)
     cfg = params["predict"]
     device = pick_device(cfg["device"], "predict.device")
-    model, ckpt = load_trained_model(args.model, device)
     inputs = args.inputs or [cfg["input"]]
-    if "test" in inputs and CLASS_INDEX.exists():
-        check_same_classes(ckpt["class_names"])
     files = expand_inputs(inputs)
     if not files:
         raise UserError(f"no image files in {' '.join(inputs)}; give image files, folders holding them, or globs")
-    compile_choice = {"auto": "auto", "true": True, "false": False}[args.compile]
-    logits, errors = classify_files(model, ckpt, files, device, args.batch_size, cfg["precision"], cfg["workers"],
-                                    compile_choice, desc="predict")
-    rows = result_rows(files, logits, errors, ckpt["class_names"], args.top_k)
+    probs, errors, class_names, backend = classify(args, cfg, files, device)
+    if "test" in inputs and CLASS_INDEX.exists():
+        check_same_classes(class_names)
+    rows = result_rows(files, probs, errors, class_names, args.top_k)
     fmt = output_format(args.format, args.output)
-    text = to_json(rows) if fmt == "json" else to_csv(rows, min(args.top_k, ckpt["num_classes"]))
+    text = to_json(rows) if fmt == "json" else to_csv(rows, min(args.top_k, len(class_names)))
     if args.output and args.output != "-":
         write_text(args.output, text)
     else:
@@ -165,13 +233,17 @@ def main(argv=None):
     log = sys.stderr if not args.output or args.output == "-" else sys.stdout
     if args.picture is not None:
         print(f"predict: picture -> {draw_picture(rows, args.picture or None)}", file=log)
+    if args.explain:
+        print(f"predict: {write_explanations(rows, args.model, args.explain)} Grad-CAM overlays -> {args.explain}",
+              file=log)
 
     failed = [r for r in rows if r["error"]]
     for row in failed[:10]:
         print(f"predict: {row['file']}: {row['error']}", file=sys.stderr)
     if len(failed) > 10:
         print(f"predict: ... and {len(failed) - 10} more unreadable files (see the error column)", file=sys.stderr)
-    print(f"predict: {len(rows) - len(failed)} of {len(rows)} files classified -> {args.output or 'stdout'}", file=log)
+    print(f"predict: {len(rows) - len(failed)} of {len(rows)} files classified ({backend}) -> "
+          f"{args.output or 'stdout'}", file=log)
     return 1 if failed else 0
 
 

@@ -1,9 +1,12 @@
 """Shared test helpers: a throw-away copy of the project as its own git + DVC repo."""
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -109,6 +112,31 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_answers(server, url, what, timeout=180):
+    """Return once `url` answers 200; fail with the server's stderr if it exits first."""
+    deadline = time.time() + timeout
+    while True:
+        assert server.poll() is None, f"{what} exited: {server.stderr.read().decode()[-3000:]}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.time() < deadline, f"{what} did not answer {url}"
+        time.sleep(1)
+
+
+def stop_server(server):
+    """SIGTERM the server's process group (started with start_new_session=True), then SIGKILL."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 def tutorial_logits(model, ckpt, paths, batch_size=256):

@@ -1,8 +1,6 @@
 """Queued experiments run two at a time land in the workspace's MLflow store with the numbers
 `dvc exp show` reports, and a `mlflow server` on that store serves them."""
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +11,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import env, free_port, make_project, run, write_image_folder
+from conftest import env, free_port, make_project, run, stop_server, wait_until_answers, write_image_folder
 from src.inference import load_trained_model
 from src.params import flatten
 
@@ -131,17 +129,7 @@ def test_mlflow_server_on_the_store_lists_both_runs(queued):
         cwd=queued, env={**env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            assert server.poll() is None, f"mlflow server exited: {server.stderr.read().decode()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "mlflow server did not answer /health"
-            time.sleep(1)
+        wait_until_answers(server, f"{url}/health", "mlflow server")
 
         def api(endpoint, body=None):
             request = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}", method="POST" if body else "GET",
@@ -159,9 +147,4 @@ def test_mlflow_server_on_the_store_lists_both_runs(queued):
             metrics = {m["key"] for m in by_name[name]["data"]["metrics"]}
             assert params["arch"] == arch and {"curves/val_acc", "test/accuracy"} <= metrics
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_server(server)

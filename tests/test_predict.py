@@ -21,7 +21,8 @@ BATCH = 4  # 9 images: two full batches and a partial one, through a decoding wo
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
-    project = make_project(root / "project", {"predict.precision": "fp32", "predict.workers": 1})
+    project = make_project(root / "project", {"predict.precision": "fp32", "predict.workers": 1,
+                                                       "predict.backend": "torch"})
     torch.manual_seed(0)
     model = build_model("resnet18", len(CLASSES)).eval()
     save_checkpoint(root / "model.pt", {
@@ -134,3 +135,95 @@ def test_compiled_model_gives_the_same_rows_and_a_missing_compiler_only_warns(se
     assert broken.returncode == 0, broken.stderr
     assert "warning: torch.compile failed" in broken.stderr
     assert broken.stdout == eager.stdout
+
+
+@pytest.fixture(scope="module")
+def exported(setup):
+    """The setup's checkpoint exported beside itself (model.onnx, model.int8.onnx), as the stage does."""
+    from src.onnx_model import export_onnx, quantize_int8, set_metadata
+    project, model_path, images = setup
+    model, ckpt = load_trained_model(model_path)
+    export_onnx(model, ckpt, model_path, model_path.with_suffix(".onnx"))
+    calibration = [np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in
+                             sorted(images.rglob("img_*"))])]
+    quantize_int8(model_path.with_suffix(".onnx"), model_path.with_suffix(".int8.onnx"), calibration)
+    set_metadata(model_path.with_suffix(".int8.onnx"), {"top1_agreement_vs_fp32": "1.0"})
+    return setup
+
+
+def test_onnx_backends_give_the_torch_rows_and_keep_error_rows(exported):
+    project, model, images = exported
+    folder = images.parent / "with_bad"
+    folder.mkdir(exist_ok=True)
+    for p in sorted(images.rglob("img_*")):
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    common = (folder, "--model", model, "--batch-size", BATCH)
+    torch_rows = list(csv.DictReader(io.StringIO(predict(project, *common, "--backend", "torch").stdout)))
+    for backend in ("onnx", "int8"):
+        result = predict(project, *common, "--backend", backend)
+        assert result.returncode == 1 and f"({backend})" in result.stderr, result.stderr
+        rows = list(csv.DictReader(io.StringIO(result.stdout)))
+        assert [r["file"] for r in rows] == [r["file"] for r in torch_rows] and len(rows) == 10
+        assert [r["error"] != "" for r in rows] == [r["file"].endswith("broken.png") for r in rows]
+        if backend == "onnx":  # fp32: the same classes and, to float rounding, probabilities
+            assert [r["predicted"] for r in rows] == [r["predicted"] for r in torch_rows]
+            for got, want in zip(rows, torch_rows):
+                if not got["error"]:
+                    assert float(got["probability"]) == pytest.approx(float(want["probability"]), abs=1e-4)
+    # auto: int8 where export recorded >= 99% agreement, else torch
+    assert "(int8)" in predict(project, *common, "--backend", "auto").stderr
+
+
+def test_auto_backend_runs_torch_when_int8_agreed_too_little(exported, tmp_path):
+    from src.onnx_model import set_metadata
+    project, model, images = exported
+    for suffix in (".pt", ".onnx", ".int8.onnx"):
+        (tmp_path / f"model{suffix}").write_bytes(model.with_suffix(suffix).read_bytes())
+    set_metadata(tmp_path / "model.int8.onnx", {"top1_agreement_vs_fp32": "0.95"})
+    result = predict(project, images, "--model", tmp_path / "model.pt", "--backend", "auto")
+    assert result.returncode == 0 and "(torch)" in result.stderr, result.stderr
+
+
+def test_onnx_backend_refuses_a_file_exported_from_another_checkpoint(exported, tmp_path):
+    project, model, images = exported
+    other = tmp_path / "model.pt"
+    (tmp_path / "model.onnx").write_bytes(model.with_suffix(".onnx").read_bytes())
+    torch.save(torch.load(model, weights_only=True) | {"note": "retrained"}, other)
+    result = predict(project, images, "--model", other, "--backend", "onnx")
+    assert result.returncode == 2 and "exported from another checkpoint" in result.stderr
+    missing = predict(project, images, "--model", other, "--backend", "int8")
+    assert missing.returncode == 2 and "dvc repro export" in missing.stderr
+
+
+def test_explain_writes_one_overlay_per_readable_image(setup):
+    project, model, images = setup
+    out = project / "explained"
+    inputs = [*sorted(images.rglob("img_*.jpg")), images / "missing.png"]
+    result = predict(project, *inputs, "--model", model, "--explain", out)
+    assert result.returncode == 1 and "missing.png" in result.stderr
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(f"{p.stem}.gradcam.png" for p in inputs[:-1])
+    for name in written:
+        with Image.open(out / name) as img:
+            assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_image_model_gives_error_rows_for_bad_inputs_and_the_onnx_classes_for_good_ones(exported):
+    import base64
+
+    import pandas as pd
+    from src.onnx_model import OnnxClassifier
+    from src.serving import ImageClassifier
+    project, model_path, images = exported
+    classifier = ImageClassifier()
+    classifier.model = OnnxClassifier(model_path.with_suffix(".onnx"))
+    good = sorted(images.rglob("img_*"))[:3]
+    inputs = [base64.b64encode(good[0].read_bytes()).decode(), str(good[1]), "####", "",
+              base64.b64encode(b"GIF89a but broken").decode(), base64.b64encode(good[2].read_bytes()).decode()]
+    out = classifier.predict(None, pd.DataFrame({"image": inputs}))
+    assert list(out["error"] != "") == [False, False, True, True, True, False]
+    for i, path in ((0, good[0]), (1, good[1]), (5, good[2])):
+        assert out["class"][i] == CLASSES[reference(model_path, path).argmax()]
+        assert out["top_k_classes"][i][0] == out["class"][i] and len(out["top_k_classes"][i]) == 3
+    assert (out["class"][2:5] == "").all() and "base64" in out["error"][2]

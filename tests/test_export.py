@@ -1,0 +1,98 @@
+"""The export stage through real dvc, and what it ships: the ONNX files agree with PyTorch, the
+MLflow image model classifies base64 JPEGs and paths, and `mlflow models serve` answers over REST."""
+import base64
+import csv
+import io
+import json
+import subprocess
+import sys
+import urllib.request
+
+import mlflow
+import onnx
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import env, free_port, make_project, run, stop_server, wait_until_answers, write_image_folder
+
+CLASSES = ["circle", "cross", "square"]  # write_image_folder's, sorted
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One tiny project trained and exported through `dvc repro export`, committed and tagged as
+    an artifact version (what `dvc artifacts get` looks up)."""
+    root = tmp_path_factory.mktemp("export")
+    write_image_folder(root / "images", per_class=16, size=40)
+    project = make_project(root / "project", {
+        "data.source": str(root / "images"), "data.image_size": 32, "data.val": 0.2, "data.test": 0.25,
+        "train.epochs": 4, "export.calibration_images": 16})
+    run(["dvc", "repro", "export"], project)
+    run("git add -A && git commit -qm trained && git tag -a resnet-classifier@v0.1.0 -m v0.1.0", project)
+    with open(project / "data/manifest.csv", newline="") as f:
+        test = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    (run_info,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    return project, test, run_info.info.run_id
+
+
+def jpeg_base64(path):
+    buf = io.BytesIO()
+    with Image.open(path) as img:
+        img.convert("RGB").save(buf, format="JPEG", quality=95)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@pytest.mark.slow
+def test_export_json_onnx_metadata_and_the_registry_artifact(exported, tmp_path):
+    project, test, _ = exported
+    metrics = json.loads((project / "metrics/export.json").read_text())
+    assert metrics["split"] == "test" and metrics["images"] == len(test) == 12
+    assert metrics["onnx"]["top1_agreement"] == 1.0 and metrics["onnx"]["max_prob_diff"] <= 1e-4
+    assert metrics["int8"]["top1_agreement"] >= 0.99
+    meta = {p.key: p.value for p in onnx.load(str(project / "models/model.onnx")).metadata_props}
+    assert json.loads(meta["class_names"]) == CLASSES
+    assert (meta["layout"], meta["image_size"], meta["arch"]) == ("NHWC", "32", "resnet18")
+    int8 = {p.key: p.value for p in onnx.load(str(project / "models/model.int8.onnx")).metadata_props}
+    assert float(int8["top1_agreement_vs_fp32"]) == metrics["int8"]["top1_agreement"]
+    run(["dvc", "artifacts", "get", str(project), "resnet-classifier", "-o", str(tmp_path / "got.onnx")], tmp_path)
+    assert (tmp_path / "got.onnx").read_bytes() == (project / "models/model.onnx").read_bytes()
+
+
+@pytest.mark.slow
+def test_image_model_classifies_base64_jpegs_and_paths_and_reports_bad_inputs(exported):
+    project, test, run_id = exported
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/image_model")
+    images = [jpeg_base64(project / r["path"]) for r in test] + [str(project / r["path"]) for r in test]
+    bad = ["not base64 at all!", base64.b64encode(b"plain text, not an image").decode()]
+    out = model.predict(pd.DataFrame({"image": images + bad}))
+    assert list(out.columns) == ["class", "probability", "top_k_classes", "top_k_probabilities", "error"]
+    assert list(out["class"][:-2]) == [r["label"] for r in test] * 2
+    assert (out["error"][:-2] == "").all() and all(len(k) == 3 for k in out["top_k_classes"][:-2])
+    assert list(out["class"][-2:]) == ["", ""]
+    assert "base64" in out["error"].iloc[-2] and "not an image" in out["error"].iloc[-1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_base64_jpeg_with_its_class(exported, tmp_path):
+    project, test, run_id = exported
+    port = free_port()
+    # From an empty folder: the served model must not need this checkout's src/.
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/image_model",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_path, env={**env(), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_until_answers(server, f"http://127.0.0.1:{port}/ping", "mlflow models serve")
+        body = {"dataframe_split": {"columns": ["image"], "data": [[jpeg_base64(project / test[-1]["path"])],
+                                                                   ["%%% not base64 %%%"]]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            good, bad = json.load(r)["predictions"]
+        assert good["class"] == test[-1]["label"] and good["error"] == ""
+        assert bad["class"] == "" and "base64" in bad["error"]
+    finally:
+        stop_server(server)
