@@ -107,6 +107,22 @@ def write_image_folder(dest, classes=("circle", "square", "cross"), per_class=12
     return Path(dest)
 
 
+def colour_folder(root, per_class=(8, 8, 8), size=24, seed=0):
+    """Noisy images whose dominant channel gives the class (class0, class1, ...): learnable in an
+    epoch, decoded in no time; `per_class` gives each class's image count."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, n in enumerate(per_class):
+        (Path(root) / f"class{c}").mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(0, 120, (size, size, 3))
+            pixels[..., c] += 120
+            Image.fromarray(pixels.astype(np.uint8)).save(Path(root) / f"class{c}" / f"{i}.png")
+    return Path(root)
+
+
 def free_port():
     """A TCP port on 127.0.0.1 nothing listens on (for a test server, or for one that isn't there)."""
     with socket.socket() as s:

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import make_project, python, run, set_params
+from conftest import colour_folder, make_project, python, run, set_params
 from src.checkpoint import load_checkpoint
 from src.data import POLICIES, train_transform
 from src.device import Normalizer, RunSettings
@@ -20,18 +20,6 @@ from src.split import class_imbalance
 from src.train import EpochPlan, WeightEma, class_weights, make_mix, make_trainer
 
 CPU = torch.device("cpu")
-
-
-def colour_folder(root, per_class=(8, 8, 8), size=24, seed=0):
-    """Noisy images whose dominant channel gives the class: learnable in an epoch."""
-    rng = np.random.default_rng(seed)
-    for c, n in enumerate(per_class):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(n):
-            pixels = rng.integers(0, 120, (size, size, 3))
-            pixels[..., c] += 120
-            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    return root
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))

@@ -7,12 +7,10 @@ import sys
 import time
 
 import mlflow
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import env, make_project, run
+from conftest import colour_folder, env, make_project, run
 from src.checkpoint import load_checkpoint, save_checkpoint
 from src.params import load_params
 from src.resume import fingerprint, load_resume
@@ -21,15 +19,7 @@ pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leave
 
 
 def tiny_dataset(root, classes=3, per_class=30, size=20, seed=0):
-    """Noisy images whose mean colour gives the class: learnable in an epoch, decoded in no time."""
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 120, (size, size, 3))
-            pixels[..., c] += 120
-            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    return root
+    return colour_folder(root, (per_class,) * classes, size, seed)
 
 
 # With the photo recipe's random parts on: augmentation policy, erasing, MixUp/CutMix, weight EMA.
