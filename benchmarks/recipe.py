@@ -1,0 +1,176 @@
+"""Time to accuracy of training recipes on real photos, as a DVC experiment grid.
+
+    python benchmarks/recipe.py                                # every row at 3 minutes
+    python benchmarks/recipe.py --budgets 3 10 --rows baseline recipe
+    python benchmarks/recipe.py --data DIR --workdir /tmp/recipes   # your photos; keep the project
+
+It clones this repository's committed HEAD into --workdir, points `data.source` at --data
+(default ../shared/datasets/flowers_dev), runs ingest + split once, then queues one DVC
+experiment per row and budget, exactly as a user sweeps:
+
+    dvc exp run --queue -n recipe-minus-ema -S 'train.time_budget=3,10' -S train.ema_decay=0 ... evaluate
+    dvc queue start -j 1
+
+and prints one table row per experiment from `dvc exp show --json`. Experiments run one at a time
+(`-j 1`): a time budget is wall-clock minutes, so two at once would each get half the machine.
+Afterwards `dvc exp show` and `mlflow ui` in --workdir compare the same runs.
+
+Rows: `baseline` is the defaults with hflip (the issue's starting point); `recipe` is README's
+photo line; the `minus-*` rows take one ingredient out of it and the `plus-*` rows add one.
+Single runs on a few hundred val images: differences under ~3 points are within noise.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# README's photo line (without its time budget, which is the grid's other axis).
+RECIPE = {
+    "data.image_size": 80, "train.batch_size": 32, "train.hflip": 0.5, "train.augment": "trivialaugment",
+    "train.random_erasing": 0.25, "train.ema_decay": 0.998, "train.label_smoothing": 0.1,
+    "train.optimizer": "adamw", "train.weight_decay": 0.05, "train.warmup_epochs": 2,
+    "train.crop_scale": "[0.25,1.0]",
+}
+ROWS = {
+    "baseline": {"train.hflip": 0.5},
+    "recipe": RECIPE,
+    "minus-augment": {**RECIPE, "train.augment": "none"},
+    "minus-erasing": {**RECIPE, "train.random_erasing": 0},
+    "minus-ema": {**RECIPE, "train.ema_decay": 0},
+    "minus-smoothing": {**RECIPE, "train.label_smoothing": 0},
+    "minus-adamw": {**RECIPE, "train.optimizer": "adam", "train.weight_decay": 0},
+    "minus-crop": {**RECIPE, "train.crop_scale": "[0.6,1.0]"},
+    "plus-mixup-cutmix": {**RECIPE, "train.mixup": 0.2, "train.cutmix": 1.0},
+    "plus-class-balance": {**RECIPE, "train.class_balance": "loss"},
+    "plus-randaugment": {**RECIPE, "train.augment": "randaugment"},
+}
+
+
+def sh(cmd, cwd):
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    if result.returncode:
+        sys.exit(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def make_workdir(workdir, data):
+    """A clone of HEAD whose data.source is the photos, with ingest + split done and committed."""
+    if workdir.exists():
+        sys.exit(f"--workdir {workdir} exists: give a new folder (or delete it)")
+    sh(["git", "clone", "-q", str(REPO), str(workdir)], REPO)
+    params = (workdir / "params.yaml").read_text()
+    params = params.replace("  source: sample ", f"  source: {data} ", 1)
+    if f"source: {data}" not in params:
+        sys.exit("could not set data.source in the clone's params.yaml")
+    (workdir / "params.yaml").write_text(params)
+    sh(["dvc", "repro", "classes"], workdir)
+    sh(["git", "add", "-A"], workdir)
+    sh(["git", "commit", "-q", "-m", f"data.source: {data}"], workdir)
+
+
+def queue(workdir, name, settings, budgets):
+    """One `dvc exp run --queue` per row; the budgets make it a grid (one experiment each)."""
+    cmd = ["dvc", "exp", "run", "--queue", "-S", "train.time_budget=" + ",".join(map(str, budgets)),
+           "-S", "evaluate.tta=true"]
+    for key, value in settings.items():
+        cmd += ["-S", f"{key}={value}"]
+    if len(budgets) == 1:
+        cmd += ["-n", name]  # a grid names its experiments itself
+    sh(cmd + ["evaluate"], workdir)
+    print("$", " ".join(cmd[:3] + [f"'{c}'" if "," in c else c for c in cmd[3:]] + ["evaluate"]), flush=True)
+
+
+def wait_for_queue(workdir):
+    while True:
+        status = sh(["dvc", "queue", "status"], workdir)
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        time.sleep(20)
+
+
+def experiments(workdir):
+    """(params, metrics) of every experiment, from `dvc exp show --json`."""
+    shown = json.loads(sh(["dvc", "exp", "show", "--json", "--no-fetch"], workdir))
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                if data.get("status") not in (None, "Success"):
+                    continue
+                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+                metrics = {}
+                for file in (data.get("metrics") or {}).values():
+                    metrics.update(file.get("data") or {})
+                if metrics:
+                    yield rev.get("name") or data.get("name") or data["rev"][:7], params, metrics
+
+
+def row_name(params):
+    """Which row an experiment's params are: of the rows whose settings all hold, the one with the
+    most settings (a grid names its experiments itself, so the name can't tell)."""
+    def flat(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    have = dict(flat(params))
+    matches = [(len(settings), name) for name, settings in ROWS.items()
+               if all(have.get(k) == yaml.safe_load(str(v)) for k, v in settings.items())]
+    return max(matches)[1] if matches else "?"
+
+
+def table(workdir):
+    rows = []
+    for exp, params, m in experiments(workdir):
+        split = "test" if "test/accuracy" in m else "val"
+        row = row_name(params)
+        rows.append((params["train"]["time_budget"], list(ROWS).index(row) if row in ROWS else len(ROWS), row, exp,
+                     m.get("epochs_run"), m.get("train_seconds"), m.get("best_val_acc"),
+                     m.get(f"{split}/balanced_accuracy"), m.get(f"{split}/tta_accuracy")))
+    print("\n| budget | row | experiment | epochs | train s | best val acc | balanced acc | with flip TTA |")
+    print("|---|---|---|---|---|---|---|---|")
+    fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)
+    for budget, _, row, exp, epochs, seconds, acc, bal, tta in sorted(rows):
+        print(f"| {budget} min | {row} | {exp} | {epochs} | {seconds} | {fmt(acc)} | {fmt(bal)} | {fmt(tta)} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "flowers_dev")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[3], help="minutes of training per run")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--workdir", type=Path, help="default: a new folder under /tmp, kept")
+    parser.add_argument("--table-only", action="store_true", help="print the table of an existing --workdir")
+    args = parser.parse_args()
+    os.environ.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    if not shutil.which("dvc"):
+        sys.exit("dvc is not on PATH: activate the project's .venv first")
+    if args.table_only:
+        return table(args.workdir)
+    if not args.data.is_dir():
+        sys.exit(f"--data {args.data}: no such folder (give a folder of class sub-folders)")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="recipes-")) / "project"
+    budgets = [int(b) if b == int(b) else b for b in args.budgets]
+    started = time.time()
+    make_workdir(workdir, args.data.resolve())
+    for name in args.rows:
+        queue(workdir, name, ROWS[name], budgets)
+    sh(["dvc", "queue", "start", "-j", "1"], workdir)
+    print(wait_for_queue(workdir))
+    print(f"{len(args.rows) * len(budgets)} experiments in {(time.time() - started) / 60:.1f} min; "
+          f"compare them: cd {workdir} && dvc exp show  (or mlflow ui)")
+    table(workdir)
+
+
+if __name__ == "__main__":
+    main()
