@@ -98,20 +98,22 @@ def wait_for_queue(workdir):
 
 
 def experiments(workdir):
-    """(params, metrics) of every experiment, from `dvc exp show --json`."""
+    """(name, params, metrics) of every finished experiment, from `dvc exp show --json` (which
+    also lists queued and running ones, with the base commit's metrics: `dvc exp list` tells)."""
+    finished = set(sh(["dvc", "exp", "list", "--name-only"], workdir).split())
     shown = json.loads(sh(["dvc", "exp", "show", "--json", "--no-fetch"], workdir))
     for commit in shown:
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs") or []:
                 data = rev.get("data") or {}
-                if data.get("status") not in (None, "Success"):
+                if rev.get("name") not in finished:
                     continue
                 params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
                 metrics = {}
                 for file in (data.get("metrics") or {}).values():
                     metrics.update(file.get("data") or {})
                 if metrics:
-                    yield rev.get("name") or data.get("name") or data["rev"][:7], params, metrics
+                    yield rev["name"], params, metrics
 
 
 def row_name(params):

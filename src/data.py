@@ -141,6 +141,10 @@ class ImageListDataset(Dataset):
     def __len__(self):
         return len(self.paths)
 
+    def set_crop_size(self, size):
+        """Progressive resizing: the training crop's size from now on (train_transform's first step)."""
+        self.transform.transforms[0].size = size
+
     def __getitem__(self, i):
         img = self.images[i] if self.images is not None else open_rgb(self.paths[i])
         return self.transform(img), self.labels[i]
@@ -161,12 +165,12 @@ def default_workers(processes_per_machine=1):
 
 
 def make_loader(dataset, batch_size, shuffle=False, workers=0, pin_memory=False, sampler=None, generator=None,
-                drop_last=False):
+                drop_last=False, persistent=True):
     # Persistent workers skip re-forking (and re-copying a cached dataset) every epoch;
     # 4 batches in flight per worker hide decoding jitter behind the training step.
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
-        num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+        num_workers=workers, pin_memory=pin_memory, persistent_workers=persistent and workers > 0,
         prefetch_factor=4 if workers > 0 else None, generator=generator, drop_last=drop_last,
     )
 

@@ -99,6 +99,7 @@ SCHEMA = {
         "ema_decay": number(0, 1, hi_open=True),
         "class_balance": choice("none", "loss", "sampler"),
         "time_budget": number(0, INF),
+        "start_image_size": integer(0),
         "device": choice("auto", "cuda", "mps", "cpu"),
         "precision": choice("auto", "fp32", "bf16", "fp16"),
         "channels_last": choice("auto", True, False),
@@ -153,6 +154,9 @@ def validate(params, schema=SCHEMA, prefix=""):
             raise UserError(f"params.yaml: {name}={value!r} is not allowed; use {check.allowed}")
     if prefix == "" and params["data"]["val"] + params["data"]["test"] >= 1:
         raise UserError("params.yaml: data.val + data.test must be below 1 to leave images for training")
+    if prefix == "" and params["train"]["start_image_size"] > params["data"]["image_size"]:
+        raise UserError(f"params.yaml: train.start_image_size={params['train']['start_image_size']} must not exceed "
+                        f"data.image_size={params['data']['image_size']} (it is where progressive resizing starts)")
     if prefix == "" and params["train"]["warmup_epochs"] > params["train"]["epochs"]:
         raise UserError(f"params.yaml: train.warmup_epochs={params['train']['warmup_epochs']} must not exceed "
                         f"train.epochs={params['train']['epochs']}")

@@ -96,7 +96,8 @@ def requirements():
 
 
 def log_image_model(params, run_id, onnx_path, example_image):
-    """Log the pyfunc into the training's run (tagged `image_model_uri`); returns its URI, or None
+    """Log the pyfunc into the training's run (tagged `image_model_uri`) and, with
+    `mlflow.register_model: NAME`, register it as NAME's next version; returns its URI, or None
     when the run is not in this store (weights fetched with `dvc pull` into a fresh clone)."""
     from mlflow.models import infer_signature
     from src import tracking
@@ -118,6 +119,7 @@ def log_image_model(params, run_id, onnx_path, example_image):
         (Path(tmp) / "image_model.py").write_text(MODEL_CODE)
         info = mlflow.pyfunc.log_model(name=NAME, python_model=str(Path(tmp) / "image_model.py"),
                                        artifacts={"onnx": str(onnx_path)}, code_paths=[str(code)],
-                                       signature=signature, input_example=example, pip_requirements=requirements())
+                                       signature=signature, input_example=example, pip_requirements=requirements(),
+                                       registered_model_name=params["mlflow"]["register_model"])
         mlflow.set_tag("image_model_uri", info.model_uri)
     return info.model_uri

@@ -169,7 +169,7 @@ def curves_png(history, path):
     plt.close(fig)
 
 
-def log_model(checkpoint, registered_name=None):
+def log_model(checkpoint):
     """The checkpoint's network as an MLflow PyTorch model; returns its URI (also tagged `model_uri`).
 
     Built from the saved checkpoint, so the logged model is exactly the best epoch's weights. Saved
@@ -195,7 +195,7 @@ def log_model(checkpoint, registered_name=None):
     try:
         info = mlflow.pytorch.log_model(
             model, name="model", signature=infer_signature(example, output), input_example=example,
-            serialization_format="pt2", registered_model_name=registered_name,
+            serialization_format="pt2",
             # Given explicitly: inferring them loads the model again in a subprocess.
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                               f"torchvision=={torchvision.__version__.split('+')[0]}",
@@ -209,7 +209,7 @@ def log_model(checkpoint, registered_name=None):
     return info.model_uri
 
 
-def finish_training(metrics, history=(), checkpoint=None, artifacts=(), register_model=None):
+def finish_training(metrics, history=(), checkpoint=None, artifacts=()):
     """Summary metrics, training curves, files and the model of the active run once training ends."""
     mlflow.log_metrics(metrics)
     if history:
@@ -220,7 +220,7 @@ def finish_training(metrics, history=(), checkpoint=None, artifacts=(), register
     log_files(artifacts)
     if checkpoint and Path(checkpoint).is_file():
         log_files([checkpoint], "checkpoint")
-        log_model(checkpoint, register_model)
+        log_model(checkpoint)
 
 
 def log_evaluation(params, run_id, split, metrics, artifacts=()):

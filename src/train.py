@@ -89,32 +89,69 @@ def make_optimizer(model, cfg):
     return optimizer_class(groups, lr=cfg["lr"])
 
 
-class EpochPlan:
-    """How many epochs to train: train.epochs, or, with train.time_budget (minutes), as many as
-    fit in it. The budget's count is planned after every epoch from the measured epoch times,
-    validation included (the first epoch, slower while kernels warm up, only until others exist),
-    so the cosine schedule is stretched to end when the time does. Until the first plan the
-    schedule holds its starting rate."""
+RAMP = 0.75  # progressive resizing reaches data.image_size after this fraction of the epochs
 
-    def __init__(self, cfg, history=()):
+
+class EpochPlan:
+    """How many epochs to train, and each one's crop size.
+
+    The count is train.epochs, or, with train.time_budget (minutes), as many as fit in it:
+    planned after every epoch from the measured epoch times, validation included (the first
+    epoch, slower while kernels warm up, only until others exist), so the cosine schedule is
+    stretched to end when the time does. Until the first plan the schedule holds its starting
+    rate. With train.start_image_size (progressive resizing), crops grow linearly from it to
+    data.image_size over the first RAMP of the epochs: early epochs are cheap, and the last ones
+    train at the size evaluate sees. The plan then counts an epoch's cost as its pixels."""
+
+    def __init__(self, cfg, history=(), image_size=None):
         self.budget = cfg["time_budget"] * 60
         self.epochs = None if self.budget else cfg["epochs"]
-        self.durations = []
+        self.sizes = (cfg.get("start_image_size") or image_size, image_size)
+        self.durations = []  # seconds per epoch at full size
         if history:  # a resumed run keeps its plan until the next epoch re-plans it
             self.epochs = history[-1]["planned_epochs"]
 
     def elapsed_before(self, history):
         return history[-1]["seconds"] if history else 0.0
 
+    def image_size(self, epoch, epochs=None):
+        """This epoch's training crop (of `epochs` planned; default: the current plan), in steps
+        of 8 px so that few distinct shapes occur (kernels are picked per shape)."""
+        start, final = self.sizes
+        epochs = epochs or self.epochs
+        if final is None or start >= final:
+            return final
+        if not epochs:
+            return start
+        fraction = min(1.0, (epoch - 1) / max(1.0, RAMP * epochs - 1))
+        return final if fraction == 1 else max(start, int(start + fraction * (final - start)) // 8 * 8)
+
+    def cost(self, epoch, epochs=None):
+        """An epoch's share of a full-size epoch's time: its pixels per image."""
+        return (self.image_size(epoch, epochs) / self.sizes[1]) ** 2 if self.sizes[1] else 1.0
+
     def update(self, epoch, duration, elapsed):
         if not self.budget:
             return
-        self.durations.append(duration)
+        self.durations.append(duration / self.cost(epoch))
         per_epoch = statistics.median(self.durations[1:][-3:] or self.durations)
-        plan = [epoch + max(0, round((self.budget - elapsed) / per_epoch))]
+        plan = [epoch + self.epochs_that_fit(epoch, (self.budget - elapsed) / per_epoch)]
         if torch_dist.is_initialized():  # clocks differ a little: every rank follows rank 0's plan
             torch_dist.broadcast_object_list(plan, src=0)
         self.epochs = plan[0]
+
+    def epochs_that_fit(self, done, full_epochs):
+        """How many more epochs fit in the time of `full_epochs` full-size ones (to the nearest)."""
+        if self.sizes[0] == self.sizes[1]:
+            return max(0, round(full_epochs))
+        def fits(n):
+            return sum(self.cost(e, done + n) for e in range(done + 1, done + n + 1)) <= full_epochs + 0.5
+
+        low, high = 0, int((full_epochs + 1) / self.cost(1, 1)) + 1  # fits(low); a bound none beyond fits
+        while low < high:  # the cost of n more epochs grows with n: bisect
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        return low
 
     def more(self, epoch):
         return self.epochs is None or epoch <= self.epochs
@@ -295,8 +332,10 @@ def train_loader(params, train_set, workers, dist, device):
         counts = torch.bincount(torch.as_tensor(train_set.labels)).double()
         sampler = WeightedRandomSampler(1 / counts[train_set.labels], len(train_set), generator=generator)
     lone_last = len(sampler or train_set) % batch_size == 1  # a batch of one would crash BatchNorm
+    # Workers that outlive an epoch would keep their crop size: progressive resizing restarts them.
     loader = make_loader(train_set, batch_size, shuffle=True, workers=workers, pin_memory=device.type == "cuda",
-                         sampler=sampler, generator=generator, drop_last=lone_last)
+                         sampler=sampler, generator=generator, drop_last=lone_last,
+                         persistent=not cfg["start_image_size"])
     return loader, sampler, generator
 
 
@@ -315,7 +354,7 @@ def main():
     train_set, val, workers = load_data(params, class_names, device, dist.local_world_size)
     loader, sampler, generator = train_loader(params, train_set, workers, dist, device)
     progress = Progress(params, class_names, mean_std, dist)
-    plan = EpochPlan(cfg, progress.resumed["history"] if progress.resumed else ())
+    plan = EpochPlan(cfg, progress.resumed["history"] if progress.resumed else (), params["data"]["image_size"])
     trainer = make_trainer(model, cfg, len(loader), run, plan, train_set.labels, len(class_names))
     progress.restore(model, trainer, generator)
 
@@ -345,7 +384,8 @@ def main():
                 sampler.set_epoch(epoch)
             if set_transfer_phase(model, params["model"], epoch):  # head_first: unfreeze now
                 train_model = wrap(model)
-            lr = trainer.optimizer.param_groups[0]["lr"]
+            lr, size = trainer.optimizer.param_groups[0]["lr"], plan.image_size(epoch)
+            train_set.set_crop_size(size)
             train_loss, train_acc = train_one_epoch(train_model, loader, trainer, run, epoch, dist.is_main)
             # Every rank scores the whole (small) val set with identical weights, so all ranks
             # agree on early stopping and on the time budget's plan without another collective.
@@ -354,7 +394,7 @@ def main():
             val_loss, val_acc = evaluate(trainer.scored(model), progress.info, val, device, cfg["batch_size"])
             plan.update(epoch, time.time() - epoch_start, time.time() - started)
             stop = progress.end_epoch({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+                                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "image_size": size,
                                        "seconds": round(time.time() - started, 2), "planned_epochs": plan.epochs},
                                       model, trainer, generator, gather_rng_states(dist))
             if stop:
@@ -375,8 +415,7 @@ def summarise(params, progress, seconds):
     metrics = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"],
                "final_train_acc": history[-1]["train_acc"], "epochs_run": len(history),
                "train_seconds": round(seconds, 1)}
-    tracking.finish_training(metrics, history, progress.model_path, [CLASS_INDEX, DATA_REPORT],
-                             params["mlflow"]["register_model"])
+    tracking.finish_training(metrics, history, progress.model_path, [CLASS_INDEX, DATA_REPORT])
     write_json(TRAIN_METRICS, metrics)
     header = list(history[0])
     write_text(TRAIN_HISTORY, ",".join(header) + "\n" + "".join(

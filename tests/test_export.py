@@ -27,7 +27,7 @@ def exported(tmp_path_factory):
     write_image_folder(root / "images", per_class=16, size=40)
     project = make_project(root / "project", {
         "data.source": str(root / "images"), "data.image_size": 32, "data.val": 0.2, "data.test": 0.25,
-        "train.epochs": 4, "export.calibration_images": 16})
+        "train.epochs": 4, "export.calibration_images": 16, "mlflow.register_model": "shapes"})
     run(["dvc", "repro", "export"], project)
     run("git add -A && git commit -qm trained && git tag -a resnet-classifier@v0.1.0 -m v0.1.0", project)
     with open(project / "data/manifest.csv", newline="") as f:
@@ -61,9 +61,11 @@ def test_export_json_onnx_metadata_and_the_registry_artifact(exported, tmp_path)
 
 
 @pytest.mark.slow
-def test_image_model_classifies_base64_jpegs_and_paths_and_reports_bad_inputs(exported):
+def test_registered_image_model_classifies_base64_jpegs_and_paths_and_reports_bad_inputs(exported):
     project, test, run_id = exported
-    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/image_model")
+    (version,) = mlflow.MlflowClient().search_model_versions("name='shapes'")
+    assert version.run_id == run_id  # the image model (it answers base64 JPEGs below), not the raw graph
+    model = mlflow.pyfunc.load_model("models:/shapes/1")
     images = [jpeg_base64(project / r["path"]) for r in test] + [str(project / r["path"]) for r in test]
     bad = ["not base64 at all!", base64.b64encode(b"plain text, not an image").decode()]
     out = model.predict(pd.DataFrame({"image": images + bad}))

@@ -121,6 +121,23 @@ def test_a_plan_spends_the_budget_on_the_measured_epoch_time_and_holds_the_rate_
     assert EpochPlan({"time_budget": 0, "epochs": 6}).epochs == 6
 
 
+def test_progressive_resizing_grows_crops_in_steps_of_8_to_full_size_for_the_last_quarter():
+    plan = EpochPlan({"time_budget": 0, "epochs": 12, "start_image_size": 32}, image_size=64)
+    sizes = [plan.image_size(e) for e in range(1, 13)]
+    assert sizes[0] == 32 and sizes[-3:] == [64] * 3 and sizes == sorted(sizes)
+    assert all(s % 8 == 0 for s in sizes) and len(set(sizes)) > 3
+    assert [EpochPlan({"time_budget": 0, "epochs": 4}, image_size=64).image_size(e) for e in (1, 4)] == [64, 64]
+
+
+def test_a_budget_plan_with_progressive_resizing_counts_each_epoch_by_its_pixels():
+    plan = EpochPlan({"time_budget": 1, "epochs": 6, "start_image_size": 32}, image_size=64)
+    assert plan.image_size(1) == 32  # not planned yet: the start size
+    plan.update(1, 10.0 * (32 / 64) ** 2, 11.0)  # a 32 px epoch: 10 s per 64 px epoch
+    planned = sum(plan.cost(e) for e in range(2, plan.epochs + 1)) * 10.0
+    assert 49 - 15 <= planned <= 49 + 5  # the 49 s left, to within the nearest epoch
+    assert plan.epochs > 1 + round(49 / 10)  # cheaper early epochs: more of them than at full size
+
+
 def test_class_imbalance_reports_the_largest_over_the_smallest():
     per_class = {"a": {"train": 30, "val": 3, "test": 3}, "b": {"train": 9, "val": 1, "test": 2}, "c": {"train": 20}}
     assert class_imbalance(per_class) == {"largest": "a", "smallest": "b", "ratio": 3.0}
@@ -174,14 +191,17 @@ def test_each_recipe_trains_through_the_stage_and_ema_saves_the_average(tmp_path
 
 
 @pytest.mark.slow
-def test_a_30_second_budget_ends_within_ten_percent(tmp_path):
+def test_a_30_second_budget_ends_within_ten_percent_with_progressive_resizing(tmp_path):
     data = colour_folder(tmp_path / "images", (12, 12, 12))
     project = make_project(tmp_path / "project", {"data.source": str(data), "data.image_size": 32,
-                                                  "train.batch_size": 8, "train.time_budget": 0.5})
+                                                  "train.batch_size": 8, "train.time_budget": 0.5,
+                                                  "train.start_image_size": 16})
     run(["dvc", "repro", "train"], project)
     metrics = json.loads((project / "metrics/train.json").read_text())
     assert 27 <= metrics["train_seconds"] <= 33, metrics
     history = (project / "metrics/train_history.csv").read_text().splitlines()
     header = history[0].split(",")
-    planned = [int(line.split(",")[header.index("planned_epochs")]) for line in history[1:]]
-    assert planned[-1] == metrics["epochs_run"] > 2  # it trained the epochs it planned
+    column = lambda name: [int(line.split(",")[header.index(name)]) for line in history[1:]]  # noqa: E731
+    assert column("planned_epochs")[-1] == metrics["epochs_run"] > 2  # it trained the epochs it planned
+    sizes = column("image_size")
+    assert sizes[0] == 16 and sizes[-1] == 32 and sizes == sorted(sizes)
