@@ -52,6 +52,8 @@ ROWS = {
     "plus-mixup-cutmix": {**RECIPE, "train.mixup": 0.2, "train.cutmix": 1.0},
     "plus-class-balance": {**RECIPE, "train.class_balance": "loss"},
     "plus-randaugment": {**RECIPE, "train.augment": "randaugment"},
+    "plus-progressive": {**RECIPE, "train.start_image_size": 48},
+    "progressive-112": {**RECIPE, "data.image_size": 112, "train.start_image_size": 64},
 }
 
 
