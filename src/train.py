@@ -106,7 +106,8 @@ class EpochPlan:
     def __init__(self, cfg, history=(), image_size=None):
         self.budget = cfg["time_budget"] * 60
         self.epochs = None if self.budget else cfg["epochs"]
-        self.sizes = (cfg.get("start_image_size") or image_size, image_size)
+        start = cfg.get("start_image_size") or image_size
+        self.sizes = (min(start, image_size), image_size) if image_size else (None, None)
         self.durations = []  # seconds per epoch at full size
         if history:  # a resumed run keeps its plan until the next epoch re-plans it
             self.epochs = history[-1]["planned_epochs"]
@@ -123,7 +124,7 @@ class EpochPlan:
             return final
         if not epochs:
             return start
-        fraction = min(1.0, (epoch - 1) / max(1.0, RAMP * epochs - 1))
+        fraction = 1.0 if epochs == 1 else min(1.0, (epoch - 1) / max(1.0, RAMP * epochs - 1))
         return final if fraction == 1 else max(start, int(start + fraction * (final - start)) // 8 * 8)
 
     def cost(self, epoch, epochs=None):
@@ -144,10 +145,11 @@ class EpochPlan:
         """How many more epochs fit in the time of `full_epochs` full-size ones (to the nearest)."""
         if self.sizes[0] == self.sizes[1]:
             return max(0, round(full_epochs))
+
         def fits(n):
             return sum(self.cost(e, done + n) for e in range(done + 1, done + n + 1)) <= full_epochs + 0.5
 
-        low, high = 0, int((full_epochs + 1) / self.cost(1, 1)) + 1  # fits(low); a bound none beyond fits
+        low, high = 0, int((full_epochs + 1) * (self.sizes[1] / self.sizes[0]) ** 2) + 1  # none beyond high fits
         while low < high:  # the cost of n more epochs grows with n: bisect
             mid = (low + high + 1) // 2
             low, high = (mid, high) if fits(mid) else (low, mid - 1)
