@@ -35,13 +35,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 # README's photo line (without its time budget, which is the grid's other axis).
 RECIPE = {
-    "data.image_size": 80, "train.batch_size": 32, "train.hflip": 0.5, "train.random_erasing": 0.25,
-    "train.ema_decay": 0.998, "train.label_smoothing": 0.1, "train.optimizer": "adamw", "train.weight_decay": 0.05,
-    "train.warmup_epochs": 2, "train.crop_scale": "[0.25,1.0]",
+    "data.image_size": 80, "train.start_image_size": 48, "train.batch_size": 32, "train.hflip": 0.5,
+    "train.random_erasing": 0.25, "train.ema_decay": 0.998, "train.label_smoothing": 0.1, "train.optimizer": "adamw",
+    "train.weight_decay": 0.05, "train.warmup_epochs": 2, "train.crop_scale": "[0.25,1.0]",
 }
 ROWS = {
     "baseline": {"train.hflip": 0.5},
     "recipe": RECIPE,
+    "minus-progressive": {**RECIPE, "train.start_image_size": 0},
     "minus-erasing": {**RECIPE, "train.random_erasing": 0},
     "minus-ema": {**RECIPE, "train.ema_decay": 0},
     "minus-smoothing": {**RECIPE, "train.label_smoothing": 0},
@@ -51,8 +52,7 @@ ROWS = {
     "plus-randaugment": {**RECIPE, "train.augment": "randaugment"},
     "plus-mixup-cutmix": {**RECIPE, "train.mixup": 0.2, "train.cutmix": 1.0},
     "plus-class-balance": {**RECIPE, "train.class_balance": "loss"},
-    "plus-progressive": {**RECIPE, "train.start_image_size": 48},
-    "progressive-112": {**RECIPE, "data.image_size": 112, "train.start_image_size": 64},
+    "size-112": {**RECIPE, "data.image_size": 112, "train.start_image_size": 64},
 }
 
 
