@@ -93,7 +93,7 @@ def queue(workdir, name, settings, budgets):
 def wait_for_queue(workdir):
     while True:
         status = sh(["dvc", "queue", "status"], workdir)
-        if not any(word in status for word in ("Queued", "Running")):
+        if not any(word in status for word in ("Queued", "Running")):  # all Success or Failed
             return status
         time.sleep(20)
 
@@ -168,8 +168,10 @@ def main():
     make_workdir(workdir, args.data.resolve())
     for name in args.rows:
         queue(workdir, name, ROWS[name], budgets)
-    sh(["dvc", "queue", "start", "-j", "1"], workdir)
-    print(wait_for_queue(workdir))
+    # The worker it starts outlives the command: no pipe to it, or reading its output never ends.
+    subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=workdir, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True)
+    print(wait_for_queue(workdir), flush=True)
     print(f"{len(args.rows) * len(budgets)} experiments in {(time.time() - started) / 60:.1f} min; "
           f"compare them: cd {workdir} && dvc exp show  (or mlflow ui)")
     table(workdir)
