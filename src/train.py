@@ -109,8 +109,9 @@ class EpochPlan:
         start = cfg.get("start_image_size") or image_size
         self.sizes = (min(start, image_size), image_size) if image_size else (None, None)
         self.durations = []  # seconds per epoch at full size
+        self.size = None  # the crop size trained last
         if history:  # a resumed run keeps its plan until the next epoch re-plans it
-            self.epochs = history[-1]["planned_epochs"]
+            self.epochs, self.size = history[-1]["planned_epochs"], history[-1].get("image_size")
 
     def elapsed_before(self, history):
         return history[-1]["seconds"] if history else 0.0
@@ -127,6 +128,12 @@ class EpochPlan:
         fraction = 1.0 if epochs == 1 else min(1.0, (epoch - 1) / max(1.0, RAMP * epochs - 1))
         return final if fraction == 1 else max(start, int(start + fraction * (final - start)) // 8 * 8)
 
+    def size_for(self, epoch):
+        """The crop size this epoch trains at: the schedule's, but never below the last epoch's
+        (a plan that grows stretches the ramp, which would otherwise shrink the crops again)."""
+        self.size = max(self.size or 0, self.image_size(epoch)) if self.sizes[1] else None
+        return self.size
+
     def cost(self, epoch, epochs=None):
         """An epoch's share of a full-size epoch's time: its pixels per image."""
         return (self.image_size(epoch, epochs) / self.sizes[1]) ** 2 if self.sizes[1] else 1.0
@@ -134,7 +141,7 @@ class EpochPlan:
     def update(self, epoch, duration, elapsed):
         if not self.budget:
             return
-        self.durations.append(duration / self.cost(epoch))
+        self.durations.append(duration * (self.sizes[1] / self.size) ** 2 if self.size else duration)
         per_epoch = statistics.median(self.durations[1:][-3:] or self.durations)
         plan = [epoch + self.epochs_that_fit(epoch, (self.budget - elapsed) / per_epoch)]
         if torch_dist.is_initialized():  # clocks differ a little: every rank follows rank 0's plan
@@ -386,7 +393,7 @@ def main():
                 sampler.set_epoch(epoch)
             if set_transfer_phase(model, params["model"], epoch):  # head_first: unfreeze now
                 train_model = wrap(model)
-            lr, size = trainer.optimizer.param_groups[0]["lr"], plan.image_size(epoch)
+            lr, size = trainer.optimizer.param_groups[0]["lr"], plan.size_for(epoch)
             train_set.set_crop_size(size)
             train_loss, train_acc = train_one_epoch(train_model, loader, trainer, run, epoch, dist.is_main)
             # Every rank scores the whole (small) val set with identical weights, so all ranks

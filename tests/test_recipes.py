@@ -133,10 +133,15 @@ def test_progressive_resizing_grows_crops_in_steps_of_8_to_full_size_for_the_las
 def test_a_budget_plan_with_progressive_resizing_counts_each_epoch_by_its_pixels():
     plan = EpochPlan({"time_budget": 1, "epochs": 6, "start_image_size": 32}, image_size=64)
     assert plan.image_size(1) == 32  # not planned yet: the start size
+    assert plan.size_for(1) == 32
     plan.update(1, 10.0 * (32 / 64) ** 2, 11.0)  # a 32 px epoch: 10 s per 64 px epoch
     planned = sum(plan.cost(e) for e in range(2, plan.epochs + 1)) * 10.0
     assert 49 - 15 <= planned <= 49 + 5  # the 49 s left, to within the nearest epoch
     assert plan.epochs > 1 + round(49 / 10)  # cheaper early epochs: more of them than at full size
+    last = plan.epochs
+    assert plan.size_for(last) == 64
+    plan.epochs *= 3  # a plan that grows stretches the ramp: the schedule's size drops, the trained one doesn't
+    assert plan.image_size(last + 1) < 64 == plan.size_for(last + 1)
 
 
 def test_class_imbalance_reports_the_largest_over_the_smallest():
