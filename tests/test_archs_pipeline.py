@@ -34,7 +34,7 @@ def images(tmp_path):
 def test_resnext_and_efficientnet_run_as_experiments(project, images):
     for arch in ("resnext50_32x4d", "efficientnet_b0"):
         run(["dvc", "exp", "run", "-S", f"arch={arch}", "-S", "train.epochs=1", "-S", f"data.source={images}",
-             "-n", arch], project)
+             "-n", arch, "evaluate"], project)
         train = json.loads((project / "metrics/train.json").read_text())
         evaluation = json.loads((project / "metrics/eval.json").read_text())
         assert train["epochs_run"] == 1 and evaluation["test/images"] > 0

@@ -53,7 +53,7 @@ def test_experiment_with_another_arch_is_listed(tmp_path):
     run(["dvc", "repro"], project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-q", "-m", "baseline"], project)
-    run(["dvc", "exp", "run", "-S", "arch=resnet34", "-n", "r34"], project)
+    run(["dvc", "exp", "run", "-S", "arch=resnet34", "-n", "r34", "evaluate"], project)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     archs = []
     for rev in shown:
