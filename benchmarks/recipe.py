@@ -11,7 +11,9 @@ experiment per row and budget, exactly as a user sweeps:
     dvc exp run --queue -n recipe-minus-ema -S 'train.time_budget=3,10' -S train.ema_decay=0 ... evaluate
     dvc queue start -j 1
 
-and prints one table row per experiment from `dvc exp show --json`. Experiments run one at a time
+and prints one table row per experiment from `dvc exp show --json`. They run up to `evaluate`
+(export and predict add nothing to compare): `dvc exp apply` needs every output, so rerun one
+you want to keep without the target. Experiments run one at a time
 (`-j 1`): a time budget is wall-clock minutes, so two at once would each get half the machine.
 Afterwards `dvc exp show` and `mlflow ui` in --workdir compare the same runs.
 
