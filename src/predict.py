@@ -10,8 +10,8 @@
 
 Everything about the model (arch, classes, image size, normalisation) comes from the
 checkpoint (or the exported ONNX file's metadata). Every file gets a row: its top-k classes
-with probabilities, or why it could not be read. Exit code 0 when every file was classified, 1 when any could not be (2 for a
-usage problem).
+with probabilities, or why it could not be read. Exit code 0 when every file was classified, 1
+when any could not be (2 for a usage problem).
 """
 import argparse
 import csv

@@ -60,7 +60,8 @@ def load_data(params, class_names, device, processes_per_machine=1):
     if cache == "auto":
         cache = len(train_paths) + len(val_paths) <= CACHE_LIMIT
     side = resize_size(data["image_size"])
-    augment = train_transform(data["image_size"], cfg["crop_scale"], cfg["hflip"], cfg["augment"], cfg["random_erasing"])
+    augment = train_transform(data["image_size"], cfg["crop_scale"], cfg["hflip"], cfg["augment"],
+                              cfg["random_erasing"])
     train_set = ImageListDataset(train_paths, train_labels, augment, cache, side)
     val = (ImageFiles(val_paths, data["image_size"], keep=cache), torch.tensor(val_labels, dtype=torch.long))
     return train_set, val, loader_workers(cfg["workers"], cache, device, processes_per_machine)
