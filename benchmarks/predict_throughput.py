@@ -190,7 +190,7 @@ def export_models(folder, size, stored):
     write_images(folder / "calibration", 64, stored, np.random.default_rng(1))
     crop = eval_crop(size, to_tensor=False)
     pixels = [np.asarray(crop(Image.open(p).convert("RGB"))) for p in sorted((folder / "calibration").iterdir())]
-    quantize_int8(folder / "model.onnx", folder / "model.int8.onnx",
+    quantize_int8(model, ckpt, folder / "model.pt", folder / "model.int8.onnx",
                   [np.stack(pixels[i:i + 16]) for i in range(0, len(pixels), 16)])
     # predict's auto backend takes the int8 model only with a measured agreement (export.json's on a
     # trained model); random weights have none worth measuring, so this one is vouched for here.

@@ -73,7 +73,7 @@ def main():
     if not paths:
         raise UserError("the manifest has no test or val images to check the export on; set data.test > 0")
     export_onnx(model, ckpt, MODEL, ONNX_MODEL)
-    quantize_int8(ONNX_MODEL, ONNX_INT8_MODEL, calibration_batches(
+    quantize_int8(model, ckpt, MODEL, ONNX_INT8_MODEL, calibration_batches(
         rows, ckpt["image_size"], params["export"]["calibration_images"], params["seed"]))
     metrics = {"split": split, **parity(paths, model, ckpt)}
     # Predict's `auto` backend runs the int8 model only where it agrees well enough: it reads this.

@@ -3,6 +3,8 @@
 - `use_bits_relus`: ReLUs that compute on a bf16 tensor's bits (`BitsReLU`).
 - `fold_normalization`: Normalize folded into the first conv, so the model takes raw pixels
   (`NormalizedInputConv`).
+- `fold_normalization_for_uint8`: the same for a model exported for int8, which takes uint8
+  pixels and pads them with the mean pixel (`MeanPaddedPixelConv`).
 Both change the graph module's own containers only: a model it was traced from keeps its layers.
 """
 import torch
@@ -89,10 +91,36 @@ class NormalizedInputConv(nn.Module):
         return y
 
 
-def fold_normalization(model, mean, std, image_size):
-    """Fold Normalize(mean, std) into the first layer of a graph module when that layer is a
-    plain conv (zero padding, no groups) and the only user of the input; True when it did.
-    The model then takes raw pixel values (uint8 batches as floats) instead of normalised ones."""
+class MeanPaddedPixelConv(nn.Module):
+    """conv(Normalize(x / 255)) for uint8 pixels x, as a graph that int8 quantisation keeps exact.
+
+    The weights and bias fold Normalize in as in NormalizedInputConv; the zero padding of the
+    normalised image is the mean pixel of the raw one, so the pixels are padded with it (rounded to
+    an integer: within half a level, at the border only) and the conv pads nothing. Quantised, the
+    uint8 pixels are then their own int8 activations (scale 1, zero point 0): nothing is normalised,
+    cast or rounded before the first conv (`src.onnx_model.quantize_int8`).
+    """
+
+    def __init__(self, conv, mean, std):
+        super().__init__()
+        w = conv.weight.detach().double()
+        mean, std = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (mean, std))
+        self.weight = nn.Parameter((w / (255 * std)).to(conv.weight.dtype), requires_grad=False)
+        bias = conv.bias.detach().double() if conv.bias is not None else 0
+        self.bias = nn.Parameter((bias - (w * mean / std).sum((1, 2, 3))).to(conv.weight.dtype), requires_grad=False)
+        self.mean_pixel = [int(round(255 * m)) for m in mean.flatten().tolist()]
+        (top, left), self.stride, self.dilation = conv.padding, conv.stride, conv.dilation
+        self.padding = (left, left, top, top)
+
+    def forward(self, x):
+        """uint8 N x 3 x H x W in; each channel padded with its own value (F.pad takes one)."""
+        x = torch.cat([F.pad(x[:, c:c + 1], self.padding, value=v) for c, v in enumerate(self.mean_pixel)], 1)
+        return F.conv2d(x.to(self.weight.dtype), self.weight, self.bias, self.stride, 0, self.dilation)
+
+
+def replace_input_conv(model, make):
+    """Replace the first layer of a graph module by make(conv) when that layer is a plain conv
+    (zero padding, no groups, 3 input channels) and the only user of the input; True when it did."""
     if not isinstance(model, torch.fx.GraphModule):
         return False
     inputs = [node for node in model.graph.nodes if node.op == "placeholder"]
@@ -101,11 +129,22 @@ def fold_normalization(model, mean, std, image_size):
     first = next(iter(inputs[0].users))
     conv = model.get_submodule(first.target) if first.op == "call_module" else None
     if (type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros"
-            or isinstance(conv.padding, str) or conv.in_channels != len(mean)):
+            or isinstance(conv.padding, str) or conv.in_channels != 3):
         return False
-    folded = NormalizedInputConv(conv, mean, std, image_size)
+    folded = make(conv)
     if conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous():
         folded = folded.to(memory_format=torch.channels_last)
     parent, _, attr = first.target.rpartition(".")
     setattr(model.get_submodule(parent), attr, folded)
     return True
+
+
+def fold_normalization(model, mean, std, image_size):
+    """Fold Normalize(mean, std) into the first layer of a graph module (see replace_input_conv);
+    True when it did. The model then takes raw pixel values (uint8 batches as floats)."""
+    return replace_input_conv(model, lambda conv: NormalizedInputConv(conv, mean, std, image_size))
+
+
+def fold_normalization_for_uint8(model, mean, std):
+    """The same for int8 export: the model then takes uint8 pixels (`MeanPaddedPixelConv`)."""
+    return replace_input_conv(model, lambda conv: MeanPaddedPixelConv(conv, mean, std))

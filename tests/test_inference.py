@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from src.device import Normalizer, RawPixels, RunSettings
-from src.fast_layers import BitsReLU, NormalizedInputConv, fold_normalization
+from src.fast_layers import BitsReLU, MeanPaddedPixelConv, NormalizedInputConv, fold_normalization, fold_normalization_for_uint8
 from src.inference import ImageFiles, decoded_batches, forward, prepare_for_inference
 from src.networks import build_model
 
@@ -112,6 +112,27 @@ def test_normalization_folded_into_the_first_conv_gives_the_same_logits_from_raw
             with torch.inference_mode():
                 want, got = forward(plain, images, plain_run), forward(folded, images, run)
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0"])
+def test_uint8_input_conv_pads_with_the_mean_pixel_and_gives_the_normalised_logits(arch):
+    """The int8 export's source graph (`src.onnx_model.pixel_model`). With a mean of whole pixel
+    levels its padding is exact, so it is the same function; ImageNet's mean is rounded."""
+    torch.manual_seed(0)
+    model = build_model(arch, 5).eval()
+    for m in model.modules():  # non-trivial running statistics, as after training
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
+    images = torch.randint(0, 256, (2, 3, 37, 37), dtype=torch.uint8)
+    for mean, atol in (((128 / 255, 64 / 255, 200 / 255), 1e-5), (MEAN_STD["mean"], 3e-3)):
+        pixels_in = torch.fx.experimental.optimization.fuse(model)
+        assert fold_normalization_for_uint8(pixels_in, mean, MEAN_STD["std"])
+        (conv,) = [m for m in pixels_in.modules() if isinstance(m, MeanPaddedPixelConv)]
+        assert conv.mean_pixel == [round(255 * m) for m in mean]
+        with torch.inference_mode():
+            want = forward(model, images, RunSettings(CPU, None, False, Normalizer(mean, MEAN_STD["std"], CPU)))
+            got = pixels_in(images)
+        assert torch.allclose(got, want, rtol=1e-4, atol=atol * want.abs().max().item())
 
 
 def test_normalization_is_not_folded_where_the_input_feeds_more_than_a_plain_conv():

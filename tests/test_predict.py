@@ -146,7 +146,7 @@ def exported(setup):
     export_onnx(model, ckpt, model_path, model_path.with_suffix(".onnx"))
     calibration = [np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in
                              sorted(images.rglob("img_*"))])]
-    quantize_int8(model_path.with_suffix(".onnx"), model_path.with_suffix(".int8.onnx"), calibration)
+    quantize_int8(model, ckpt, model_path, model_path.with_suffix(".int8.onnx"), calibration)
     set_metadata(model_path.with_suffix(".int8.onnx"), {"top1_agreement_vs_fp32": "1.0"})
     return setup
 
@@ -194,6 +194,38 @@ def test_onnx_backend_refuses_a_file_exported_from_another_checkpoint(exported, 
     assert result.returncode == 2 and "exported from another checkpoint" in result.stderr
     missing = predict(project, images, "--model", other, "--backend", "int8")
     assert missing.returncode == 2 and "dvc repro export" in missing.stderr
+
+
+def test_int8_model_reads_the_pixels_straight_into_its_first_conv(exported, tmp_path):
+    """No normalising or casting before the first quantised conv; a network whose input is not
+    a plain conv's alone keeps the fp32 normalisation in the graph and still classifies."""
+    import onnx
+    import torch.nn as nn
+    from src.onnx_model import OnnxClassifier, export_onnx, quantize_int8
+    _, model_path, _ = exported
+    ops = lambda path: {node.op_type for node in onnx.load(str(path)).graph.node}  # noqa: E731
+    assert {"Cast", "Sub", "Mul"} <= ops(model_path.with_suffix(".onnx"))
+    assert not {"Cast", "Sub", "Mul"} & ops(model_path.with_suffix(".int8.onnx"))
+
+    class TwoUses(nn.Module):  # the input also feeds a mean: the normalisation can't fold
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3)) * 4 + x.mean((2, 3))
+
+    torch.manual_seed(0)
+    net = TwoUses().eval()
+    ckpt = {"arch": "two_uses", "class_names": ["r", "g", "b"], "image_size": 16,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    export_onnx(net, ckpt, model_path, tmp_path / "two.onnx")
+    quantize_int8(net, ckpt, model_path, tmp_path / "two.int8.onnx", [pixels])
+    assert {"Sub", "Mul"} <= ops(tmp_path / "two.int8.onnx")
+    want = OnnxClassifier(tmp_path / "two.onnx").probabilities(pixels)
+    got = OnnxClassifier(tmp_path / "two.int8.onnx").probabilities(pixels)
+    assert np.abs(got - want).max() < 0.02 and (got.argmax(1) == want.argmax(1)).mean() >= 0.75
 
 
 def test_explain_writes_one_overlay_per_readable_image(setup):
