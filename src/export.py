@@ -4,8 +4,8 @@ Writes
   models/model.onnx       fp32; uint8 NHWC RGB images (resized + cropped) in, probabilities
                           out, class names and preprocessing in its metadata (`src.onnx_model`)
   models/model.int8.onnx  int8 static quantisation (QDQ, per-channel), calibrated on
-                          export.calibration_images training images: the fast path on CPUs
-                          without native bf16
+                          export.calibration_images training images, the same input and output:
+                          predict's fastest path on a CPU, with or without native bf16
   metrics/export.json     on the held-out split (test, else val), decoded as predict decodes it:
                           onnxruntime against PyTorch fp32: top-1 agreement, max |probability
                           difference|; the same for the int8 model
