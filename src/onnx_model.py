@@ -9,6 +9,7 @@ and the sha256 of the checkpoint it was exported from (so a stale file is notice
 import json
 import tempfile
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +113,8 @@ def quantize_int8(model, ckpt, checkpoint_path, int8_path, calibration_batches):
     classifier are quantised): probabilities keep their resolution.
 
     Quantised is `pixel_model`'s graph, where the uint8 pixels go straight into the first conv
-    (normalisation in fp32 before it took 15% of the int8 model's time, benchmarks/README.md); a
-    network it cannot rewrite is quantised with the normalisation in the graph."""
+    (normalising in fp32 first was a large share of the int8 model's time: benchmarks/README.md);
+    a network it cannot rewrite is quantised with the normalisation in the graph."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -146,10 +147,12 @@ def drop_uint8_round_trips(graph):
     how many pairs went."""
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
+    users = Counter(name for node in graph.node for name in node.input)
     dropped = []
     for node in graph.node:
         cast = producer.get(node.input[0])
         if (node.op_type != "QuantizeLinear" or cast is None or cast.op_type != "Cast" or len(node.input) < 3
+                or users[cast.output[0]] != 1
                 or constants.get(node.input[1]) != 1 or constants.get(node.input[2]) != 0
                 or constants[node.input[2]].dtype != np.uint8 or not casts_from_uint8(graph, cast)):
             continue
