@@ -179,6 +179,9 @@ class OnnxClassifier:
             raise UserError(f"{path} not found: export the model first (`dvc repro export`)")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or cpu_count()
+        # Idle onnxruntime threads spin after each run, taking the cores from the threads that
+        # decode the next batch (as libgomp's do: src/runtime.py); asleep, they leave them free.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:
