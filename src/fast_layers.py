@@ -5,7 +5,7 @@
   (`NormalizedInputConv`).
 - `fold_normalization_for_uint8`: the same for a model exported for int8, which takes uint8
   pixels and pads them with the mean pixel (`MeanPaddedPixelConv`).
-Both change the graph module's own containers only: a model it was traced from keeps its layers.
+Each changes the graph module's own containers only: a model it was traced from keeps its layers.
 """
 import torch
 import torch.nn as nn
@@ -38,6 +38,19 @@ def use_bits_relus(model):
             setattr(model.get_submodule(parent), attr, BitsReLU(module.inplace))
 
 
+def fold_into_conv(conv, mean, std):
+    """Normalize(x / 255) = x * a + s per channel (a = 1 / (255 std), s = -mean / std) folded into
+    `conv`: (W and s in float64, conv(W, s) per output channel, weight W * a and bias b + conv(W, s)
+    as frozen parameters in the conv's dtype)."""
+    w = conv.weight.detach().double()
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (mean, std))
+    shift = -mean / std
+    inside = (w * shift).sum((1, 2, 3))
+    bias = conv.bias.detach().double() if conv.bias is not None else 0
+    frozen = lambda t: nn.Parameter(t.to(conv.weight.dtype), requires_grad=False)  # noqa: E731
+    return w, shift, inside, frozen(w / (255 * std)), frozen(bias + inside)
+
+
 class NormalizedInputConv(nn.Module):
     """conv(Normalize(x / 255)) for raw pixel values x (0..255), with Normalize folded in.
 
@@ -51,16 +64,11 @@ class NormalizedInputConv(nn.Module):
 
     def __init__(self, conv, mean, std, image_size):
         super().__init__()
-        w = conv.weight.detach().double()
-        mean, std = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (mean, std))
-        self.shift = -mean / std
+        # float64 W and s kept for corrections at other input sizes; `inside` is the shift's
+        # contribution where no padding is covered
+        self.w, self.shift, self.inside, self.weight, self.bias = fold_into_conv(conv, mean, std)
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         self.kernel_size = conv.kernel_size
-        self.w = w  # float64, for corrections at other input sizes
-        self.weight = nn.Parameter((w / (255 * std)).to(conv.weight.dtype), requires_grad=False)
-        self.inside = (w * self.shift).sum((1, 2, 3))  # the shift's contribution where no padding is covered
-        bias = conv.bias.detach().double() if conv.bias is not None else 0
-        self.bias = nn.Parameter((bias + self.inside).to(conv.weight.dtype), requires_grad=False)
         self.size = (image_size, image_size)
         self.register_buffer("edges", self.edge_correction(*self.size))
 
@@ -103,12 +111,8 @@ class MeanPaddedPixelConv(nn.Module):
 
     def __init__(self, conv, mean, std):
         super().__init__()
-        w = conv.weight.detach().double()
-        mean, std = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (mean, std))
-        self.weight = nn.Parameter((w / (255 * std)).to(conv.weight.dtype), requires_grad=False)
-        bias = conv.bias.detach().double() if conv.bias is not None else 0
-        self.bias = nn.Parameter((bias - (w * mean / std).sum((1, 2, 3))).to(conv.weight.dtype), requires_grad=False)
-        self.mean_pixel = [int(round(255 * m)) for m in mean.flatten().tolist()]
+        *_, self.weight, self.bias = fold_into_conv(conv, mean, std)
+        self.mean_pixel = [int(round(255 * m)) for m in mean]
         (top, left), self.stride, self.dilation = conv.padding, conv.stride, conv.dilation
         self.padding = (left, left, top, top)
 
