@@ -1,4 +1,4 @@
 """ResNet transfer learning: one script per DVC stage (see dvc.yaml)."""
-from src import runtime
+from src.core import process
 
-runtime.before_torch()  # here because `python -m src.<stage>` runs this before the stage imports torch
+process.before_torch()  # here because `python -m src.<stage>` runs this before the stage imports torch

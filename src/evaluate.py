@@ -19,14 +19,16 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from src import runtime, tracking
-from src.classes import check_same_classes, held_out_split, read_manifest
+from src import tracking
+from src.core import process
+from src.data.manifest import check_same_classes, held_out_split, read_manifest
 from src.common import UserError, run_stage, write_json, write_text
-from src.data import rows_for
-from src.device import pick_device
-from src.figures import confusion_figure, image_grid, save_figure
-from src.explain import overlays
-from src.inference import ImageFiles, classify_files, load_trained_model
+from src.data.manifest import rows_for
+from src.core.device import pick_device
+from src.inference.figures import confusion_figure, image_grid, save_figure
+from src.inference.explain import overlays
+from src.inference.classify import ImageFiles, classify_files
+from src.networks.checkpoint import load_trained_model
 from src.params import flatten, load_params
 from src.paths import CONFUSION_CSV, CONFUSION_PNG, EVAL_METRICS, MISCLASSIFIED_PNG, MODEL
 
@@ -109,7 +111,7 @@ def per_class_report(metrics, class_names, worst=10):
 
 def main():
     matplotlib.use("Agg")  # files only: a stage never opens a window
-    runtime.start()
+    process.start()
     params = load_params()
     cfg = params["evaluate"]
     device = pick_device(cfg["device"], "evaluate.device")

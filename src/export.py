@@ -16,10 +16,12 @@ import random
 import numpy as np
 import torch
 
-from src import runtime, serving
-from src.classes import check_same_classes, held_out_split, read_manifest
+from src import serving
+from src.core import process
+from src.data.manifest import check_same_classes, held_out_split, read_manifest
 from src.common import UserError, run_stage, write_json
-from src.inference import ImageFiles, classify_files, load_trained_model
+from src.inference.classify import ImageFiles, classify_files
+from src.networks.checkpoint import load_trained_model
 from src.onnx_model import OnnxClassifier, classify_files_onnx, export_onnx, quantize_int8, set_metadata
 from src.params import load_params
 from src.paths import EXPORT_METRICS, MODEL, ONNX_INT8_MODEL, ONNX_MODEL
@@ -63,7 +65,7 @@ def parity(paths, model, ckpt):
 
 
 def main():
-    runtime.start()
+    process.start()
     params = load_params()
     model, ckpt = load_trained_model(MODEL)
     check_same_classes(ckpt["class_names"])

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from src import runtime
+from src.core import process
 from src.common import UserError, run_stage
 from src.images import file_digest
 from src.params import load_params
@@ -172,7 +172,7 @@ def materialise(source, sha256, dest):
 
 
 def main():
-    runtime.start()
+    process.start()
     params = load_params()
     source, sha256 = params["data"]["source"], params["data"]["sha256"]
     tmp = RAW.with_name(".raw.tmp")

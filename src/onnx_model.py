@@ -2,7 +2,7 @@
 
 Input `image`: uint8 RGB, N x H x W x 3 (NHWC, as PIL, numpy and OpenCV hold pictures), already
 resized (shorter side to 256/224 of the size) and center-cropped to the model's size, as
-`src.inference.ImageFiles` does. Normalisation is inside the graph; output `probabilities`
+`src.inference.classify.ImageFiles` does. Normalisation is inside the graph; output `probabilities`
 (N x classes, softmax). The metadata says all of it: class names, size, layout, mean/std, arch,
 and the sha256 of the checkpoint it was exported from (so a stale file is noticed).
 """
@@ -20,9 +20,10 @@ from onnx import numpy_helper
 from torch.fx.experimental.optimization import fuse
 
 from src.common import UserError, atomic_path, first_line
-from src.fast_layers import fold_normalization_for_uint8
+from src.core.device import pixel_normalization
+from src.inference.rewrites import fold_normalization_for_uint8
 from src.images import file_digest
-from src.runtime import cpu_count
+from src.core.process import cpu_count
 
 LAYOUT = "NHWC"
 OPSET = 17
@@ -36,19 +37,20 @@ class ShippedModel(torch.nn.Module):
     def __init__(self, model, mean, std, normalize=True):
         super().__init__()
         self.model, self.normalize = model, normalize
-        self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
-        self.register_buffer("scale", 1 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255))
+        scale, shift = pixel_normalization(mean, std)
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
 
     def forward(self, image):
         x = image.permute(0, 3, 1, 2)
         if self.normalize:
-            x = (x.float() - self.shift) * self.scale
+            x = x.float() * self.scale + self.shift
         return torch.softmax(self.model(x), 1)
 
 
 def pixel_model(model, mean, std):
     """A copy of `model` that takes uint8 N x 3 x H x W pixels (BatchNorm folded, Normalize folded
-    into a mean-padding first conv: `src.fast_layers.MeanPaddedPixelConv`), or None where the
+    into a mean-padding first conv: `src.inference.rewrites.MeanPaddedPixelConv`), or None where the
     first layer is not a plain conv or torch.fx cannot trace the network."""
     try:
         graph = fuse(model)  # a traced copy; the caller's model keeps its layers
@@ -180,7 +182,7 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or cpu_count()
         # Idle onnxruntime threads spin after each run, taking the cores from the threads that
-        # decode the next batch (as libgomp's do: src/runtime.py); asleep, they leave them free.
+        # decode the next batch (as libgomp's do: src/core/process.py); asleep, they leave them free.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -205,8 +207,8 @@ class OnnxClassifier:
 
 def classify_files_onnx(classifier, paths, batch_size, workers="auto", desc="predict"):
     """Probabilities (one row per file, in order) and per-file errors ("" when fine), as
-    `src.inference.classify_files` gives logits: the same decoding, resizing and cropping."""
-    from src.inference import ImageFiles, image_batches
+    `src.inference.classify.classify_files` gives logits: the same decoding, resizing and cropping."""
+    from src.inference.classify import ImageFiles, image_batches
 
     files = paths if isinstance(paths, ImageFiles) else ImageFiles(paths, classifier.image_size)
     probs, errors = [np.empty((0, len(classifier.class_names)), np.float32)], []

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from src import runtime
-from src.classes import check_same_classes, held_out_split, read_manifest
+from src.core import process
+from src.data.manifest import check_same_classes, held_out_split, read_manifest
 from src.common import UserError, run_stage, write_text
-from src.device import pick_device
+from src.core.device import pick_device
 from src.images import is_image_name
-from src.inference import classify_files, load_trained_model
+from src.inference.classify import classify_files
+from src.networks.checkpoint import load_trained_model
 from src.params import load_params
 from src.paths import CLASS_INDEX, MODEL, PREDICTIONS
 
@@ -102,7 +103,7 @@ def draw_picture(rows, destination):
     """The tutorial's figure (plt.imshow + title) for each image, in a window when there is a
     display, else into a PNG file. Returns where it went."""
     from matplotlib import pyplot as plt
-    from src.figures import image_grid, save_figure
+    from src.inference.figures import image_grid, save_figure
     shown = [r for r in rows if not r["error"]][:PICTURE_LIMIT]
     titles = [f"class: {r['top_k'][0][0]}   prob: {r['top_k'][0][1]:.3}" for r in shown]
     if len(shown) > 1:  # which picture is which file
@@ -192,8 +193,8 @@ def write_explanations(rows, checkpoint, folder):
     """One Grad-CAM overlay PNG per readable file (of its top class) in `folder`; returns how many."""
     from PIL import Image
     from src.common import atomic_path
-    from src.explain import overlay_names, overlays
-    from src.inference import ImageFiles
+    from src.inference.explain import overlay_names, overlays
+    from src.inference.classify import ImageFiles
 
     model, ckpt = load_trained_model(checkpoint)  # fp32 on the CPU: gradients, one image batch at a time
     readable = [r for r in rows if not r["error"]]
@@ -211,7 +212,7 @@ def write_explanations(rows, checkpoint, folder):
 
 
 def main(argv=None):
-    runtime.start()
+    process.start()
     params = load_params()
     args = parse_args(argv, params)
     cfg = params["predict"]

@@ -8,7 +8,7 @@ image in a request does not fail the others.
 
 Inside: the ONNX model (`src.onnx_model`) under onnxruntime on the CPU, so it loads anywhere,
 GPU or not, with no device flag; decoding, resizing and cropping are this project's own
-(`src.inference.ImageFiles`), packaged with the model as code, so it needs no checkout.
+(`src.inference.classify.ImageFiles`), packaged with the model as code, so it needs no checkout.
 """
 import base64
 import binascii
@@ -55,7 +55,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.model = OnnxClassifier(context.artifacts["onnx"])
 
     def predict(self, context, model_input, params=None):
-        from src.inference import ImageFiles
+        from src.inference.classify import ImageFiles
 
         column = model_input["image"] if "image" in model_input else model_input.iloc[:, 0]
         names = self.model.class_names
@@ -81,7 +81,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 def example_input(path, image_size):
     """One held-out image as the model takes it over REST: a small base64 JPEG of its crop."""
     from PIL import Image
-    from src.inference import ImageFiles
+    from src.inference.classify import ImageFiles
 
     pixels, _ = ImageFiles([path], image_size).pixels(0)
     buf = io.BytesIO()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import PIL
 
-from src import runtime
+from src.core import process
 from src.common import UserError, run_stage, write_json, write_text
 from src.images import check_image, file_digest, skip_reason_for_name
 from src.paths import DATA_REPORT, MANIFEST, RAW, hidden, workspace_root
@@ -187,7 +187,7 @@ def class_imbalance(per_class):
 
 
 def main():
-    runtime.start()
+    process.start()
     params = load_params()
     if not RAW.is_dir():
         raise UserError(f"{RAW} not found: run `dvc repro ingest` first")

@@ -169,21 +169,17 @@ def curves_png(history, path):
     plt.close(fig)
 
 
-def log_model(checkpoint):
-    """The checkpoint's network as an MLflow PyTorch model; returns its URI (also tagged `model_uri`).
-
-    Built from the saved checkpoint, so the logged model is exactly the best epoch's weights. Saved
-    as an exported graph (pt2), not a pickle: loading it runs no code and needs no copy of src/.
+def log_model(model, image_size):
+    """`model` (a plain network in eval mode, on the CPU) as an MLflow PyTorch model; returns its URI
+    (also tagged `model_uri`). Saved as an exported graph (pt2), not a pickle: loading it runs no
+    code and needs no copy of src/.
     """
     import numpy as np
     import torch
     import torchvision
     from mlflow.models import infer_signature
 
-    from src.inference import load_trained_model
-
-    model, ckpt = load_trained_model(checkpoint)
-    size = ckpt["image_size"]
+    size = image_size
     # A normalised NCHW image batch; two images, because torch.export fixes a batch size of 1.
     example = np.zeros((2, 3, size, size), dtype=np.float32)
     with torch.inference_mode():
@@ -209,8 +205,9 @@ def log_model(checkpoint):
     return info.model_uri
 
 
-def finish_training(metrics, history=(), checkpoint=None, artifacts=()):
-    """Summary metrics, training curves, files and the model of the active run once training ends."""
+def finish_training(metrics, history=(), artifacts=(), checkpoint=None, model=None, image_size=None):
+    """Summary metrics, training curves, files, the checkpoint file and the network (`log_model`)
+    of the active run once training ends."""
     mlflow.log_metrics(metrics)
     if history:
         with tempfile.TemporaryDirectory() as tmp:
@@ -218,9 +215,10 @@ def finish_training(metrics, history=(), checkpoint=None, artifacts=()):
             curves_png(history, png)
             mlflow.log_artifact(str(png), "plots")
     log_files(artifacts)
-    if checkpoint and Path(checkpoint).is_file():
+    if checkpoint:
         log_files([checkpoint], "checkpoint")
-        log_model(checkpoint)
+    if model is not None:
+        log_model(model, image_size)
 
 
 def log_evaluation(params, run_id, split, metrics, artifacts=()):

@@ -160,7 +160,7 @@ def tutorial_logits(model, ckpt, paths, batch_size=256):
     CenterCrop, ToTensor, Normalize), then the plain model: an independent check of the fast path."""
     import torch
     from PIL import Image
-    from src.data import eval_transform
+    from src.data.transforms import eval_transform
 
     transform = eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"])
     model.eval()

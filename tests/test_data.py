@@ -10,10 +10,10 @@ from PIL import Image
 from torchvision import transforms
 
 from src import images
-from src.data import IMAGENET_MEAN, IMAGENET_STD, RandomResizedCropFlip, eval_crop, eval_transform, to_uint8_tensor
+from src.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomResizedCropFlip, eval_crop, eval_transform, to_uint8_tensor)
 from src.images import open_rgb, plain_jpeg_pixels
-from src.device import Normalizer, RunSettings
-from src.inference import ImageFiles
+from src.core.device import Normalizer, RunSettings
+from src.inference.classify import ImageFiles
 
 
 def photo(width, height, seed=0):
@@ -132,7 +132,7 @@ def test_image_files_crop_exactly_as_the_eval_transform(tmp_path):
 def test_keeping_freed_memory_stops_page_faults_on_reused_batches():
     script = """
 import resource, sys, torch
-from src.runtime import keep_freed_memory
+from src.core.process import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(30):  # the heap grows for the first 6-9 rounds (small blocks land after the big one), then settles
@@ -171,7 +171,7 @@ def test_jpeg_decodes_at_reduced_size_only_as_far_as_min_side_allows(tmp_path):
 
 
 def test_loader_workers_keep_a_gpu_fed_but_leave_cpu_cores_to_the_model():
-    from src.train import loader_workers
+    from src.data.loaders import loader_workers
     assert loader_workers("auto", True, torch.device("cpu")) == 0  # cached, CPU model: no process
     assert loader_workers("auto", True, torch.device("cuda")) >= 1  # cached, GPU: augment in workers
     assert loader_workers("auto", False, torch.device("cpu")) >= 1  # decoding from disk

@@ -11,7 +11,7 @@ from sklearn import metrics as skm
 
 from conftest import SHARED, make_project, python, run, tutorial_logits, write_image_folder
 from src.evaluate import classification_metrics
-from src.inference import load_trained_model
+from src.networks.checkpoint import load_trained_model
 
 # Seven classes (more than 5, so top-5 accuracy is reported), few tiny images: trains in seconds.
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu & co"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import env, free_port, make_project, run, stop_server, wait_until_answers, write_image_folder
-from src.inference import load_trained_model
+from src.networks.checkpoint import load_trained_model
 from src.params import flatten
 
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out

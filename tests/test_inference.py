@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from src.device import Normalizer, RawPixels, RunSettings
-from src.fast_layers import BitsReLU, MeanPaddedPixelConv, NormalizedInputConv, fold_normalization, fold_normalization_for_uint8
-from src.inference import ImageFiles, decoded_batches, forward, prepare_for_inference
-from src.networks import build_model
+from src.core.device import Normalizer, RawPixels, RunSettings
+from src.inference.rewrites import (BitsReLU, MeanPaddedPixelConv, NormalizedInputConv, fold_normalization, fold_normalization_for_uint8)
+from src.inference.classify import ImageFiles, decoded_batches, forward, prepare_for_inference
+from src.networks.factory import build_model
 
 MEAN_STD = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 CPU = torch.device("cpu")
@@ -183,7 +183,7 @@ def test_importing_the_project_shortens_openmp_spinning_unless_set():
 
 
 def test_compile_auto_only_for_big_folders_on_cpu():
-    from src.inference import COMPILE_MIN_FILES, compiled
+    from src.inference.classify import COMPILE_MIN_FILES, compiled
     model, cpu, cuda = nn.Linear(2, 2), torch.device("cpu"), torch.device("cuda")
     assert compiled(model, "auto", COMPILE_MIN_FILES - 1, cpu) is None
     assert compiled(model, "auto", COMPILE_MIN_FILES, cpu) is not None  # wrapped; compiles at the first call

@@ -1,12 +1,13 @@
-"""src/model.py is torchvision's ResNet family, weight for weight; the registry and include_top."""
+"""src/networks/resnet.py is torchvision's ResNet family, weight for weight; the registry and include_top."""
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
 from src.common import UserError
-from src.model import FAMILY
-from src.networks import build_model, head_module_name
+from src.networks.resnet import FAMILY
+from src.networks.factory import build_model
+from src.networks.transfer import head_module_name
 
 
 def randomize_bn(model, seed):

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from conftest import env, make_project, python, run
-from src.checkpoint import save_checkpoint
-from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from src.inference import load_trained_model
-from src.networks import build_model
+from src.networks.checkpoint import save_checkpoint
+from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from src.networks.checkpoint import load_trained_model
+from src.networks.factory import build_model
 
 CLASSES = ["ant", "bee", "cat"]
 BATCH = 4  # 9 images: two full batches and a partial one, through a decoding worker

@@ -10,11 +10,12 @@ import torch.nn as nn
 import torchvision
 
 from conftest import REPO, env
-from src.checkpoint import save_checkpoint
+from src.networks.checkpoint import save_checkpoint
 from src.common import UserError
-from src.networks import create_model, normalization, set_transfer_phase
+from src.networks.pretrained import normalization
+from src.networks.transfer import create_model, set_transfer_phase
 from src.params import load_params
-from src.train import make_optimizer
+from src.training.trainer import make_optimizer
 from test_model import randomize_bn
 
 IMAGENET_RESNET18 = "resnet18-f37072fd.pth"  # the file name in torchvision's URL for resnet18's weights
@@ -113,7 +114,7 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
 
 
 def test_imagenet_offline_with_empty_cache_fails_fast_with_one_line(tmp_path):
-    code = ("from src.common import run_stage; from src.networks import create_model; "
+    code = ("from src.common import run_stage; from src.networks.transfer import create_model; "
             "from src.params import load_params; p = load_params(); p['model']['pretrained'] = 'imagenet'; "
             "p['model']['transfer'] = 'finetune'; run_stage(lambda: create_model(p, 10))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,

@@ -12,13 +12,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import REPO, colour_folder, make_project, python, run, set_params
-from src.checkpoint import load_checkpoint
-from src.data import POLICIES, train_transform
-from src.device import Normalizer, RunSettings
-from src.inference import ImageFiles, classify_files, forward, prepare_for_inference
-from src.model import resnet18
+from src.networks.checkpoint import load_checkpoint
+from src.data.transforms import POLICIES, train_transform
+from src.core.device import Normalizer, RunSettings
+from src.inference.classify import ImageFiles, classify_files, forward, prepare_for_inference
+from src.networks.resnet import resnet18
 from src.split import class_imbalance
-from src.train import EpochPlan, WeightEma, class_weights, make_mix, make_trainer
+from src.training.ema import WeightEma
+from src.training.schedule import EpochPlan
+from src.training.trainer import class_weights, make_mix, make_trainer
 
 CPU = torch.device("cpu")
 

@@ -10,11 +10,12 @@ import mlflow
 import pytest
 import torch
 
-from conftest import colour_folder, env, make_project, run
-from src.checkpoint import load_checkpoint, save_checkpoint
+from conftest import REPO, colour_folder, env, make_project, run
+from src.networks.checkpoint import load_checkpoint, save_checkpoint
 from src.params import load_params
-from src.resume import fingerprint, load_resume
+from src.training.resume import fingerprint, load_resume
 
+HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: RESNET_TL_TEST_KILL_AT=EPOCH:BATCH kills training there
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
 
@@ -49,7 +50,7 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(tmp_path):
 
     # A finished run is never resumed: a forced rerun trains from epoch 1; kill it mid-epoch 2.
     killed = run(["dvc", "repro", "-f", "-s", "train"], project, check=False,
-                 env={**env(), "RESNET_TL_TEST_KILL_AT": "2:3"})
+                 env={**env(), "RESNET_TL_TEST_KILL_AT": "2:3", "PYTHONPATH": str(HOOKS)})
     assert killed.returncode != 0
     assert "resuming" not in killed.stdout
     partial = state_of(project / "models/resume.pt")

@@ -194,7 +194,7 @@ def test_hymenoptera_keeps_its_split(tmp_path):
 
 
 def test_checkpoint_with_other_classes_is_refused(tmp_path):
-    from src.classes import check_same_classes
+    from src.data.manifest import check_same_classes
     from src.common import UserError
 
     index = tmp_path / "class_indices.json"

@@ -13,11 +13,11 @@ from PIL import Image
 
 from conftest import REPO, env, free_port, write_image_folder
 from src import tracking
-from src.checkpoint import save_checkpoint
+from src.networks.checkpoint import save_checkpoint
 from src.common import UserError
-from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from src.inference import load_trained_model
-from src.networks import build_model
+from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from src.networks.checkpoint import load_trained_model
+from src.networks.factory import build_model
 from src.params import flatten, load_params
 
 
@@ -51,7 +51,9 @@ def test_training_run_records_everything_and_logged_model_predicts_like_checkpoi
     with tracking.start_training_run(params, digest) as run:
         for row in history:
             tracking.log_epoch(row)
-        tracking.finish_training({"best_val_acc": 0.5}, history, "models/model.pt", ["data/class_indices.json"])
+        best, ckpt = load_trained_model("models/model.pt")
+        tracking.finish_training({"best_val_acc": 0.5}, history, ["data/class_indices.json"],
+                                 checkpoint="models/model.pt", model=best, image_size=ckpt["image_size"])
     tracking.log_evaluation(params, run.info.run_id, "test",
                             {"accuracy": 0.75, "per_class": {"cross": {"f1": 1.0, "support": 3}}},
                             ["models/model.pt.missing", "data/class_indices.json"])

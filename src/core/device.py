@@ -1,18 +1,18 @@
 """Where and how tensors run: cuda, then mps, then cpu; bf16 and channels_last where they pay;
-how a uint8 batch becomes the model's input; torchrun's process group.
+how a uint8 batch becomes the model's input.
 
 `RunSettings` carries the per-run choices (device, autocast dtype, memory format, input scaling)
 through training, validation, evaluation and prediction as one object.
 """
 import contextlib
-import math
 import os
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
 
 from src.common import UserError
-from src.runtime import cpu_count, native_bf16_override
+from src.core.process import native_bf16_override
 
 
 def pick_device(choice="auto", param="train.device"):
@@ -31,7 +31,7 @@ def pick_device(choice="auto", param="train.device"):
 
 def cpu_has_bf16():
     """AVX512-BF16 or AMX: bf16 matmuls run natively, and bf16 pays on this CPU.
-    RESNET_TL_NATIVE_BF16 overrides the CPU flags (`src.runtime`)."""
+    RESNET_TL_NATIVE_BF16 overrides the CPU flags (`src.core.process`)."""
     forced = native_bf16_override()
     if forced is not None:
         return forced
@@ -73,13 +73,24 @@ def use_channels_last(choice, device, image_size):
     return bool(choice)
 
 
+def pixel_normalization(mean, std, dtype=torch.float32):
+    """ToTensor + Normalize(mean, std) of 0..255 pixel values as x * scale + shift per channel:
+    (scale, shift) = (1 / (255 std), -mean / std), each shaped 1 x C x 1 x 1. The one place this
+    arithmetic is written: the training batches, the folded first conv and the ONNX graph use it."""
+    mean, std = (torch.tensor(v, dtype=dtype).view(1, -1, 1, 1) for v in (mean, std))
+    return 1 / (255 * std), -mean / std
+
+
+def mean_pixel(mean):
+    """The 0..255 pixel whose normalised value is 0 (per channel, rounded)."""
+    return [int(round(255 * m)) for m in mean]
+
+
 class Normalizer:
     """ToTensor + Normalize(mean, std) for a whole uint8 batch, as one op: x * scale + shift."""
 
     def __init__(self, mean, std, device):
-        std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.scale, self.shift = (1 / (255 * std)).to(device), (-mean / std).to(device)
+        self.scale, self.shift = (t.to(device) for t in pixel_normalization(mean, std))
 
     def __call__(self, images):
         if not images.is_contiguous(memory_format=torch.channels_last) or images.is_contiguous():
@@ -96,7 +107,7 @@ class Normalizer:
 
 class RawPixels(NamedTuple):
     """The batch's 0..255 values as floats of `dtype` (exact in bf16), for a model that
-    normalises in its own first conv (`src.fast_layers.fold_normalization`)."""
+    normalises in its own first conv (`src.inference.rewrites.fold_normalization`)."""
     dtype: torch.dtype = torch.float32
 
     def __call__(self, images):
@@ -128,39 +139,6 @@ class RunSettings(NamedTuple):
     @property
     def precision_name(self):
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-
-
-class Dist(NamedTuple):
-    """Where this process stands under torchrun; rank 0 of 1 when run plainly."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-
-def init_distributed(device):
-    """Join torchrun's process group (nccl on CUDA, gloo on CPU); returns (Dist, this rank's device)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Dist(), device
-    dist = Dist(int(os.environ["RANK"]), world_size, int(os.environ["LOCAL_RANK"]),
-                int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-    if device.type == "cuda":
-        torch.cuda.set_device(dist.local_rank)
-        device = torch.device("cuda", dist.local_rank)
-        backend = "nccl"
-    elif device.type == "cpu":
-        # torchrun sets OMP_NUM_THREADS=1 per process; share the machine's cores instead.
-        torch.set_num_threads(max(1, cpu_count() // dist.local_world_size))
-        backend = "gloo"
-    else:
-        raise UserError(f"train.device={device.type} cannot train under torchrun; use cuda or cpu")
-    torch.distributed.init_process_group(backend)
-    return dist, device
 
 
 def configure(device, deterministic):

@@ -1,21 +1,19 @@
-"""Datasets and loaders over the manifest (the tutorial's transforms, made configurable).
+"""The tutorial's transforms, made configurable: training augmentation and the evaluation crop.
 
-The loaders yield uint8 images: a quarter of float32's bytes between worker processes, through
+They yield uint8 images: a quarter of float32's bytes between worker processes, through
 pinned memory and to a GPU. They are normalised a batch at a time on the device
-(`src.device.Normalizer`), where one vectorised op replaces a ToTensor + Normalize per image.
+(`src.core.device.Normalizer`), where one vectorised op replaces a ToTensor + Normalize per image.
 """
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms import v2
 
-from src.runtime import cpu_count
-from src.images import open_rgb
+from src.core.device import mean_pixel
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,7 +78,7 @@ POLICIES = {"none": None, "trivialaugment": v2.TrivialAugmentWide, "randaugment"
             "augmix": v2.AugMix}
 # Random erasing fills with the ImageNet mean, which is 0 once normalised (as torchvision's
 # references erase after Normalize).
-MEAN_PIXEL = [round(255 * m) for m in IMAGENET_MEAN]
+MEAN_PIXEL = mean_pixel(IMAGENET_MEAN)
 
 
 def train_transform(image_size, crop_scale=(0.08, 1.0), hflip=0.5, augment="none", random_erasing=0.0):
@@ -119,64 +117,3 @@ def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         transforms.ConvertImageDtype(torch.float32),
         transforms.Normalize(mean, std),
     ])
-
-
-class ImageListDataset(Dataset):
-    """(image tensor, label index) for a list of paths and labels.
-
-    With cache=True every image is decoded once, up front, and shrunk to what the
-    transforms need (shorter side = `cache_side`), so epochs skip decoding entirely.
-    """
-
-    def __init__(self, paths, labels, transform, cache=False, cache_side=None):
-        self.paths, self.labels, self.transform = list(paths), list(labels), transform
-        self.images = None
-        if cache:
-            # JPEGs decode straight at the reduced size (draft mode), on every core: Pillow
-            # releases the GIL while it decodes and resizes.
-            with ThreadPoolExecutor(cpu_count()) as pool:
-                self.images = list(pool.map(lambda p: shrink(open_rgb(p, min_side=cache_side), cache_side),
-                                            self.paths))
-
-    def __len__(self):
-        return len(self.paths)
-
-    def set_crop_size(self, size):
-        """Progressive resizing: the training crop's size from now on (train_transform's first step)."""
-        self.transform.transforms[0].size = size
-
-    def __getitem__(self, i):
-        img = self.images[i] if self.images is not None else open_rgb(self.paths[i])
-        return self.transform(img), self.labels[i]
-
-
-def shrink(img, side):
-    """Resize so the shorter side is `side` (never enlarges); keeps memory small when caching."""
-    if side is None or min(img.size) <= side:
-        return img
-    scale = side / min(img.size)
-    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
-
-
-def default_workers(processes_per_machine=1):
-    """Decoding processes: the cores left after the training process(es), at most 16 each
-    (a fast GPU trains resnet50 at 224 px faster than 8 processes augment)."""
-    return min(16, max(1, cpu_count() // processes_per_machine - 1))
-
-
-def make_loader(dataset, batch_size, shuffle=False, workers=0, pin_memory=False, sampler=None, generator=None,
-                drop_last=False, persistent=True):
-    # Persistent workers skip re-forking (and re-copying a cached dataset) every epoch;
-    # 4 batches in flight per worker hide decoding jitter behind the training step.
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
-        num_workers=workers, pin_memory=pin_memory, persistent_workers=persistent and workers > 0,
-        prefetch_factor=4 if workers > 0 else None, generator=generator, drop_last=drop_last,
-    )
-
-
-def rows_for(rows, split, class_names):
-    """Paths and label indices of one split of the manifest."""
-    index = {name: i for i, name in enumerate(class_names)}
-    chosen = [r for r in rows if r["split"] == split]
-    return [r["path"] for r in chosen], [index[r["label"]] for r in chosen]

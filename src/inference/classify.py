@@ -4,7 +4,7 @@
 validation and the benchmark share: decoding in DataLoader workers (or threads on 2 CPUs),
 batched, BatchNorm folded into the convs, inference_mode, bf16 and channels_last where the
 hardware gains from them, on a CPU Normalize folded into the first conv and bf16 ReLUs on the
-bits (`src.fast_layers`), and a bad file never stops the others.
+bits (`src.inference.rewrites`), and a bad file never stops the others.
 """
 import sys
 import threading
@@ -18,27 +18,13 @@ from torch.fx.experimental.optimization import fuse
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from src.checkpoint import load_checkpoint
 from src.common import first_line
-from src.data import center_crop, default_workers, eval_crop, resize_size
-from src.device import Normalizer, RawPixels, RunSettings, pick_precision, use_channels_last
-from src.fast_layers import fold_normalization, use_bits_relus
+from src.data.loaders import default_workers
+from src.data.transforms import center_crop, eval_crop, resize_size
+from src.core.device import Normalizer, RawPixels, RunSettings, pick_precision, use_channels_last
+from src.inference.rewrites import fold_normalization, use_bits_relus
 from src.images import image_problem, open_rgb, plain_jpeg_pixels
-from src.networks import build_model
-from src.runtime import cpu_count, inference_rewrites
-
-
-def load_trained_model(path, device="cpu"):
-    """(model in eval mode, checkpoint metadata) from one of this project's checkpoints."""
-    ckpt = load_checkpoint(path)
-    with torch.device("meta"):  # no random init of weights the checkpoint replaces (slow for big networks)
-        model = build_model(ckpt["arch"], ckpt["num_classes"])
-    model.load_state_dict(ckpt["model"], assign=True)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer kept out of state_dicts
-        model = build_model(ckpt["arch"], ckpt["num_classes"])
-        model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    return model, ckpt
+from src.core.process import cpu_count, inference_rewrites
 
 
 def prepare_for_inference(model, device, image_size, mean_std, precision="auto"):
@@ -47,7 +33,7 @@ def prepare_for_inference(model, device, image_size, mean_std, precision="auto")
     activations fewer per layer), bf16 and channels_last where they pay, on a CPU in bf16 ReLUs
     that work on the bits (`BitsReLU`), and on a CPU Normalize folded into the first conv, so
     batches go in as raw pixel values. `mean_std` is {"mean": ..., "std": ...}.
-    The rewrites (`src.fast_layers`) are off with RESNET_TL_INFERENCE_REWRITES=0."""
+    The rewrites (`src.inference.rewrites`) are off with RESNET_TL_INFERENCE_REWRITES=0."""
     model = model.eval()
     rewrites = inference_rewrites()
     if rewrites:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from src.common import UserError
-from src.device import Normalizer
+from src.core.device import Normalizer
 
 BATCH = 16
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from src.core.device import mean_pixel, pixel_normalization
+
 
 class BitsReLU(nn.ReLU):
     """ReLU with the same values, computed on a bf16 tensor's bits as int16.
@@ -43,12 +45,11 @@ def fold_into_conv(conv, mean, std):
     `conv`: (W and s in float64, conv(W, s) per output channel, weight W * a and bias b + conv(W, s)
     as frozen parameters in the conv's dtype)."""
     w = conv.weight.detach().double()
-    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (mean, std))
-    shift = -mean / std
+    scale, shift = pixel_normalization(mean, std, torch.float64)
     inside = (w * shift).sum((1, 2, 3))
     bias = conv.bias.detach().double() if conv.bias is not None else 0
     frozen = lambda t: nn.Parameter(t.to(conv.weight.dtype), requires_grad=False)  # noqa: E731
-    return w, shift, inside, frozen(w / (255 * std)), frozen(bias + inside)
+    return w, shift, inside, frozen(w * scale), frozen(bias + inside)
 
 
 class NormalizedInputConv(nn.Module):
@@ -112,7 +113,7 @@ class MeanPaddedPixelConv(nn.Module):
     def __init__(self, conv, mean, std):
         super().__init__()
         *_, self.weight, self.bias = fold_into_conv(conv, mean, std)
-        self.mean_pixel = [int(round(255 * m)) for m in mean]
+        self.mean_pixel = mean_pixel(mean)
         (top, left), self.stride, self.dilation = conv.padding, conv.stride, conv.dilation
         self.padding = (left, left, top, top)
 

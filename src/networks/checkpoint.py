@@ -1,4 +1,5 @@
-"""Self-describing checkpoints: weights plus everything needed to use them.
+"""Self-describing checkpoints: weights plus everything needed to use them, and the network
+rebuilt from one.
 
 A checkpoint is a plain dict of tensors, strings and numbers, so it loads with
 `torch.load(..., weights_only=True)`: no pickled code can run from a checkpoint file.
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 
 from src.common import UserError, atomic_path, first_line
+from src.networks.factory import build_model
 
 FORMAT = "resnet-tl/1"
 
@@ -47,3 +49,16 @@ def describe(params, class_names, mean_std):
 
 def weights(model):
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def load_trained_model(path, device="cpu"):
+    """(model in eval mode, checkpoint metadata) from one of this project's checkpoints."""
+    ckpt = load_checkpoint(path)
+    with torch.device("meta"):  # no random init of weights the checkpoint replaces (slow for big networks)
+        model = build_model(ckpt["arch"], ckpt["num_classes"])
+    model.load_state_dict(ckpt["model"], assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer kept out of state_dicts
+        model = build_model(ckpt["arch"], ckpt["num_classes"])
+        model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return model, ckpt

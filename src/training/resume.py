@@ -1,6 +1,6 @@
 """What training keeps across epochs and crashes, and the two files it lives in.
 
-- models/model.pt: the best epoch's weights, self-describing (`src.checkpoint`), a DVC output.
+- models/model.pt: the best epoch's weights, self-describing (`src.networks.checkpoint`), a DVC output.
 - models/resume.pt: the last completed epoch's whole state: weights, optimizer, scheduler, grad
   scaler, every RNG (and the loader's shuffling generator), best-so-far weights, history and the
   MLflow run id. It is not a DVC output, so DVC does not delete it before rerunning a stage that
@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from src import tracking
-from src.checkpoint import describe, save_checkpoint, weights
+from src.networks.checkpoint import describe, save_checkpoint, weights
 from src.common import first_line
 from src.paths import CLASS_INDEX, DATA_REPORT, MANIFEST, MODEL, RESUME
 
@@ -102,12 +101,12 @@ class Progress:
     def resuming_note(self):
         return f"; resuming after epoch {self.resumed['epoch']} from {self.resume_path}" if self.resumed else ""
 
-    def begin(self, mlflow_run):
-        """Rank 0, once the MLflow run is open: clear a killed write's leftovers and, when resuming,
-        put back the best weights (DVC deleted the stage's outputs before this rerun)."""
+    def begin(self, run_id):
+        """Rank 0, once the MLflow run `run_id` is open: clear a killed write's leftovers and, when
+        resuming, put back the best weights (DVC deleted the stage's outputs before this rerun)."""
         if not self.dist.is_main:
             return
-        self.run_id = mlflow_run.info.run_id
+        self.run_id = run_id
         for path in (self.model_path, self.resume_path):
             for stale in path.parent.glob(f".{path.name}.*.tmp"):
                 stale.unlink()
@@ -119,7 +118,7 @@ class Progress:
                                           "mlflow_run_id": self.run_id, "model": model_weights})
 
     def end_epoch(self, row, model, trainer, generator, rngs):
-        """Record one epoch's numbers (rank 0 also prints, logs and saves); True to stop early.
+        """Record one epoch's numbers (rank 0 also prints and saves); True to stop early.
 
         With weight EMA the averaged weights are the ones scored, kept as best and saved to
         model.pt; the resume file holds both the trained weights and the average."""
@@ -132,7 +131,6 @@ class Progress:
         patience = self.params["train"]["patience"]
         stop = patience > 0 and self.bad_epochs >= patience
         if self.dist.is_main:
-            tracking.log_epoch(row)
             print(f"epoch {row['epoch']}/{row['planned_epochs'] or '?'}: train loss {row['train_loss']:.4f} "
                   f"acc {row['train_acc']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
                   + (f"; early stop, no val improvement for {self.bad_epochs} epochs" if stop else ""))

@@ -1,0 +1,70 @@
+"""torchrun: joining the process group, and keeping the ranks' buffers, RNG states and weights
+in step."""
+import os
+from typing import NamedTuple
+
+import torch
+import torch.distributed as torch_dist
+
+from src.common import UserError
+from src.core.process import cpu_count
+from src.training.resume import rng_state
+
+
+def check_ranks_agree(model):
+    """Every rank must end with the same weights; a parameter DDP did not sync would drift apart."""
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    totals = [torch.zeros_like(total) for _ in range(torch_dist.get_world_size())]
+    torch_dist.all_gather(totals, total)
+    if not all(torch.allclose(t, totals[0], rtol=1e-9, atol=0.0) for t in totals):
+        raise UserError(f"distributed training went out of sync: the ranks' weights sum to "
+                        f"{[t.item() for t in totals]}; please report this with your params.yaml")
+
+
+def sync_buffers(model):
+    """BatchNorm running stats from rank 0 to all: DDP syncs weights, each rank's buffers drift."""
+    if torch_dist.is_initialized():
+        for buffer in model.buffers():
+            torch_dist.broadcast(buffer, 0)
+
+
+def gather_rng_states(dist):
+    """Every rank's RNG state, in rank order, so a resume restores each rank's own stream."""
+    if not torch_dist.is_initialized():
+        return [rng_state()]
+    states = [None] * dist.world_size
+    torch_dist.all_gather_object(states, rng_state())
+    return states
+
+
+class Dist(NamedTuple):
+    """Where this process stands under torchrun; rank 0 of 1 when run plainly."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_distributed(device):
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU); returns (Dist, this rank's device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist(), device
+    dist = Dist(int(os.environ["RANK"]), world_size, int(os.environ["LOCAL_RANK"]),
+                int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    if device.type == "cuda":
+        torch.cuda.set_device(dist.local_rank)
+        device = torch.device("cuda", dist.local_rank)
+        backend = "nccl"
+    elif device.type == "cpu":
+        # torchrun sets OMP_NUM_THREADS=1 per process; share the machine's cores instead.
+        torch.set_num_threads(max(1, cpu_count() // dist.local_world_size))
+        backend = "gloo"
+    else:
+        raise UserError(f"train.device={device.type} cannot train under torchrun; use cuda or cpu")
+    torch.distributed.init_process_group(backend)
+    return dist, device
