@@ -1,9 +1,9 @@
 """The CUDA training path, measured: resnet50 at 224 px, AMP + channels_last + cudnn.benchmark.
 
-    python benchmarks/cuda_check.py                      # on a machine with a GPU (~2 minutes)
-    python benchmarks/cuda_check.py --data DIR           # real photos (class sub-folders) instead of generated JPEGs
-    python benchmarks/cuda_check.py --compile            # torch.compile the model too
-    python benchmarks/cuda_check.py --cpu --image-size 32 --steps 3 --arch resnet18   # smoke test without a GPU
+    python -m benchmarks.cuda_check                      # on a machine with a GPU (~2 minutes)
+    python -m benchmarks.cuda_check --data DIR           # real photos (class sub-folders) instead of generated JPEGs
+    python -m benchmarks.cuda_check --compile            # torch.compile the model too
+    python -m benchmarks.cuda_check --cpu --image-size 32 --steps 3 --arch resnet18   # smoke test without a GPU
 
 Both measurements run src/train.py's own `train_one_epoch` (its autocast, grad scaler, scheduler,
 non-finite checks and bookkeeping):
@@ -20,22 +20,19 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import src  # noqa: E402,F401  (first: it sets the OpenMP spin count before torch loads)
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from src import runtime  # noqa: E402
-from src.data import IMAGENET_MEAN, IMAGENET_STD, make_loader  # noqa: E402
-from src.device import Normalizer, RunSettings, configure, pick_precision  # noqa: E402
-from src.images import is_image_name  # noqa: E402
-from src.networks import build_model  # noqa: E402
-from src.params import load_params  # noqa: E402
-from src.paths import MANIFEST  # noqa: E402
-from src.train import EpochPlan, Trainer, load_data, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
+from src import runtime
+from src.data import IMAGENET_MEAN, IMAGENET_STD, make_loader
+from src.device import Normalizer, RunSettings, configure, pick_precision
+from src.images import is_image_name
+from src.networks import build_model
+from src.params import load_params
+from src.paths import MANIFEST
+from src.train import EpochPlan, Trainer, load_data, make_optimizer, make_scheduler, train_one_epoch
 
 
 def photo_like_jpegs(root, count, seed=0):

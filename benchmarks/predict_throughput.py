@@ -1,8 +1,8 @@
 """Predict throughput: the real predict path against two baselines, side by side.
 
-    python benchmarks/predict_throughput.py                 # 1000 JPEGs of 256 px, resnet18 at 224 px
-    python benchmarks/predict_throughput.py --images 500 --size 64 --stored 96
-    python benchmarks/predict_throughput.py --folder ../shared/datasets/hymenoptera   # your own photos
+    python -m benchmarks.predict_throughput                 # 1000 JPEGs of 256 px, resnet18 at 224 px
+    python -m benchmarks.predict_throughput --images 500 --size 64 --stored 96
+    python -m benchmarks.predict_throughput --folder ../shared/datasets/hymenoptera   # your own photos
 
 Writes JPEGs and a randomly initialised, self-describing checkpoint to a temp folder, exports it
 as the export stage does (model.onnx, and model.int8.onnx calibrated on 64 other JPEGs), then times
@@ -24,27 +24,23 @@ import contextlib
 import csv
 import io
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import src  # noqa: E402,F401  (first: it sets the OpenMP spin count before torch loads)
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from src import predict, runtime  # noqa: E402
-from src.checkpoint import save_checkpoint  # noqa: E402
-from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_crop, eval_transform  # noqa: E402
-from src.images import image_problem  # noqa: E402
-from src.inference import compiled, forward, load_trained_model, prepare_for_inference  # noqa: E402
-from src.device import Normalizer, cpu_has_bf16  # noqa: E402
-from src.onnx_model import export_onnx, quantize_int8, set_metadata  # noqa: E402
-from src.networks import build_model  # noqa: E402
-from src.params import load_params  # noqa: E402
+from src import predict, runtime
+from src.checkpoint import save_checkpoint
+from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_crop, eval_transform
+from src.images import image_problem
+from src.inference import compiled, forward, load_trained_model, prepare_for_inference
+from src.device import Normalizer, cpu_has_bf16
+from src.onnx_model import export_onnx, quantize_int8, set_metadata
+from src.networks import build_model
+from src.params import load_params
 
 
 def write_images(folder, n, side, rng):

@@ -1,8 +1,8 @@
 """Time to accuracy of training recipes on real photos, as a DVC experiment grid.
 
-    python benchmarks/recipe.py                                # every row at 3 minutes
-    python benchmarks/recipe.py --budgets 3 10 --rows baseline recipe
-    python benchmarks/recipe.py --data DIR --workdir /tmp/recipes   # your photos; keep the project
+    python -m benchmarks.recipe                                # every row at 3 minutes
+    python -m benchmarks.recipe --budgets 3 10 --rows baseline recipe
+    python -m benchmarks.recipe --data DIR --workdir /tmp/recipes   # your photos; keep the project
 
 It clones this repository's committed HEAD into --workdir, points `data.source` at --data
 (default ../shared/datasets/flowers_dev), runs ingest + split once, then queues one DVC

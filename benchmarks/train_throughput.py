@@ -1,7 +1,7 @@
 """Training throughput: the train stage's own loop against a bare loop and a plain fp32 loop.
 
     dvc repro classes                       # the manifest the stage reads
-    python benchmarks/train_throughput.py   # params.yaml's settings; --repeats/--arch/--image-size/--batch-size
+    python -m benchmarks.train_throughput   # params.yaml's settings; --repeats/--arch/--image-size/--batch-size
 
 - stage: src/train.py's load_data, make_loader and train_one_epoch: the real images from disk
   through the stage's loader (decoding cached per train.cache_images, augmentation, batching),
@@ -16,23 +16,18 @@ compare the ratios, which are measured side by side.
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import src  # noqa: E402,F401  (first: it sets the OpenMP spin count before torch loads)
+import torch
+import torch.nn as nn
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-from src.classes import load_class_names  # noqa: E402
-from src.data import make_loader  # noqa: E402
-from src import runtime  # noqa: E402
-from src.device import pick_device  # noqa: E402
-from src.networks import create_model  # noqa: E402
-from src.params import load_params  # noqa: E402
-from src.train import EpochPlan, load_data, make_optimizer, make_trainer, run_settings, train_one_epoch  # noqa: E402
+from src.classes import load_class_names
+from src.data import make_loader
+from src import runtime
+from src.device import pick_device
+from src.networks import create_model
+from src.params import load_params
+from src.train import EpochPlan, load_data, make_optimizer, make_trainer, run_settings, train_one_epoch
 
 
 def fresh_model(params, num_classes, device, channels_last):

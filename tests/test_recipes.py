@@ -1,7 +1,6 @@
 """Training recipes: augmentation policies, MixUp/CutMix, weight EMA, class balance, a time budget,
 flip test-time augmentation. Each does what params.yaml says it does."""
 import copy
-import importlib.util
 import json
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from benchmarks import recipe as recipe_benchmark
 from conftest import REPO, colour_folder, make_project, python, run, set_params
 from src.networks.checkpoint import load_checkpoint
 from src.data.transforms import POLICIES, train_transform
@@ -216,12 +216,9 @@ def test_a_30_second_budget_ends_within_ten_percent_with_progressive_resizing(tm
 
 
 def test_readme_photo_recipe_is_the_one_the_benchmark_measures():
-    spec = importlib.util.spec_from_file_location("recipe_benchmark", REPO / "benchmarks/recipe.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
     readme = (REPO / "README.md").read_text()
     line = readme[readme.index("dvc exp run -S train.time_budget="):]
     line = line[:line.index("```")].replace("\\\n", " ")
     settings = dict(item.strip().strip("'").split("=", 1) for item in line.split(" -S ")[1:])
     assert settings.pop("train.time_budget") == "3"
-    assert settings == {key: str(value) for key, value in benchmark.RECIPE.items()}
+    assert settings == {key: str(value) for key, value in recipe_benchmark.RECIPE.items()}
