@@ -25,14 +25,17 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from src import runtime
-from src.data import IMAGENET_MEAN, IMAGENET_STD, make_loader
-from src.device import Normalizer, RunSettings, configure, pick_precision
+from src.core import process
+from src.data.loaders import make_loader
+from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from src.core.device import Normalizer, RunSettings, configure, pick_precision
 from src.images import is_image_name
-from src.networks import build_model
+from src.networks.factory import build_model
 from src.params import load_params
 from src.paths import MANIFEST
-from src.train import EpochPlan, Trainer, load_data, make_optimizer, make_scheduler, train_one_epoch
+from src.train import load_data
+from src.training.schedule import EpochPlan, make_scheduler
+from src.training.trainer import Trainer, make_optimizer, train_one_epoch
 
 
 def photo_like_jpegs(root, count, seed=0):
@@ -79,7 +82,7 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also torch.compile the model")
     parser.add_argument("--cpu", action="store_true", help="run on CPU (a smoke test of this script)")
     args = parser.parse_args()
-    runtime.start()
+    process.start()
     if not args.cpu and not torch.cuda.is_available():
         print("cuda_check: no CUDA GPU visible; nothing measured (use --cpu for a smoke test)")
         return

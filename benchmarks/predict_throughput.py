@@ -32,14 +32,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from src import predict, runtime
-from src.checkpoint import save_checkpoint
-from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_crop, eval_transform
+from src import predict
+from src.core import process
+from src.networks.checkpoint import save_checkpoint
+from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_crop, eval_transform
 from src.images import image_problem
-from src.inference import compiled, forward, load_trained_model, prepare_for_inference
-from src.device import Normalizer, cpu_has_bf16
+from src.inference.classify import compiled, forward, prepare_for_inference
+from src.networks.checkpoint import load_trained_model
+from src.core.device import Normalizer, cpu_has_bf16
 from src.onnx_model import export_onnx, quantize_int8, set_metadata
-from src.networks import build_model
+from src.networks.factory import build_model
 from src.params import load_params
 
 
@@ -76,7 +78,7 @@ def main():
         args.folder = args.folder.resolve()
     os.chdir(Path(__file__).resolve().parents[1])  # predict reads params.yaml from the repo root
     params = load_params()
-    runtime.start()  # as the stages do; before anything, so all three run with it
+    process.start()  # as the stages do; before anything, so all three run with it
     batch = args.batch_size or params["predict"]["batch_size"]
     device = torch.device("cpu")
 

@@ -21,13 +21,15 @@ import time
 import torch
 import torch.nn as nn
 
-from src.classes import load_class_names
-from src.data import make_loader
-from src import runtime
-from src.device import pick_device
-from src.networks import create_model
+from src.data.manifest import load_class_names
+from src.data.loaders import make_loader
+from src.core import process
+from src.core.device import pick_device
+from src.networks.transfer import create_model
 from src.params import load_params
-from src.train import EpochPlan, load_data, make_optimizer, make_trainer, run_settings, train_one_epoch
+from src.train import load_data, run_settings
+from src.training.schedule import EpochPlan
+from src.training.trainer import make_optimizer, make_trainer, train_one_epoch
 
 
 def fresh_model(params, num_classes, device, channels_last):
@@ -60,7 +62,7 @@ def main():
     parser.add_argument("--channels-last", choices=["auto", "true", "false"])
     args = parser.parse_args()
     params = load_params()
-    runtime.start()  # as the stage does
+    process.start()  # as the stage does
     params["arch"] = args.arch or params["arch"]
     params["data"]["image_size"] = args.image_size or params["data"]["image_size"]
     cfg = params["train"]
