@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: install repro test test-fast test-avx2 ui
+.PHONY: install repro lint test test-fast test-avx2 ui
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -18,6 +18,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 repro: install
 	dvc repro
+
+# ruff (ruff.toml): pyflakes, pycodestyle, import order, likely bugs; seconds.
+lint: install
+	ruff check .
 
 test: install
 	python -m pytest -q tests

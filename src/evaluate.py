@@ -87,7 +87,7 @@ def classification_metrics(y_true, logits, class_names, bins):
     return metrics, cm, probs
 
 
-def confidently_wrong(paths, y_true, probs, limit):
+def confidently_wrong(y_true, probs, limit):
     """Indices of wrong predictions, most confident first."""
     y_pred = probs.argmax(1)
     wrong = np.flatnonzero(y_pred != y_true)
@@ -151,7 +151,7 @@ def main():
 
     save_figure(confusion_figure(cm, class_names, f"{split} split: {len(paths)} images, "
                                  f"accuracy {metrics['accuracy']:.3f}"), CONFUSION_PNG)
-    worst = confidently_wrong(paths, y_true, probs, cfg["misclassified_images"])
+    worst = confidently_wrong(y_true, probs, cfg["misclassified_images"])
     titles = [f"{Path(paths[i]).name}\ntrue: {class_names[y_true[i]]}\npredicted: {class_names[probs[i].argmax()]} "
               f"({probs[i].max():.0%})" for i in worst]
     n_wrong = int((probs.argmax(1) != y_true).sum())

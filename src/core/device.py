@@ -47,8 +47,8 @@ def cpu_has_bf16():
 CPU_FAST_PATH_MIN_SIZE = 64
 
 
-def pick_precision(choice, device, image_size):
-    """The autocast dtype, or None for plain fp32."""
+def pick_precision(choice, device, image_size, param="train.precision"):
+    """The autocast dtype, or None for plain fp32. `param` names the setting in messages."""
     if choice == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -58,9 +58,9 @@ def pick_precision(choice, device, image_size):
     if choice == "fp32":
         return None
     if choice == "fp16" and device.type == "cpu":
-        raise UserError("train.precision=fp16 is for GPUs; on CPU use bf16, fp32 or auto")
+        raise UserError(f"{param}=fp16 is for GPUs; on CPU use bf16, fp32 or auto")
     if choice == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        print("warning: this CPU has no native bf16; train.precision=bf16 will be slow")
+        print(f"warning: this CPU has no native bf16; {param}=bf16 will be slow")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 

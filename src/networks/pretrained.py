@@ -11,7 +11,7 @@ import torch.nn as nn
 import torchvision
 
 from src.networks.checkpoint import FORMAT, load_checkpoint, model_state
-from src.common import UserError
+from src.common import UserError, first_line
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from src.networks.factory import torchvision_archs
 from src.paths import from_workspace
@@ -48,7 +48,7 @@ def fetch_imagenet(arch):
         # Downloads into a temporary file and renames it: an interrupted download leaves no file.
         torch.hub.download_url_to_file(url, str(path), hashed.group(1) if hashed else None)
     except Exception as e:  # no network, DNS failure, timeout, hash mismatch
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        reason = first_line(e, 120)
         raise UserError(f"model.pretrained=imagenet: {path.name} is not in {path.parent} and could not be "
                         f"downloaded ({reason}); on a machine with internet download {url} and copy it to "
                         f"{path} (that folder is $TORCH_HOME/hub/checkpoints)") from None
