@@ -1,6 +1,8 @@
 """Nothing of a user's is deleted or swallowed, and no archive or download runs away with the disk:
 photos dropped into data/raw, sources inside the project, links and hidden files, bombs, slow
 or endless downloads, and killed runs' leftovers."""
+import base64
+import hashlib
 import http.server
 import json
 import os
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, env, make_project, python, run, set_params, write_image_folder
-from test_ingest import TREE, left_out, one_line_error, raw_files, stage, write_tar
+from test_ingest import EXTRACTED, TREE, left_out, one_line_error, raw_files, stage, write_tar
 
 from src import archives
 from src.common import UserError, remove_stale_scratch, scratch
@@ -286,3 +288,59 @@ def test_data_raw_is_swapped_in_one_step(tmp_path):
     replace_folder(new, target)
     assert (target / "a").read_text() == "old" and (new / "a").read_text() == "new"
 
+
+
+class NeedsLogin(http.server.BaseHTTPRequestHandler):
+    """Serves `archive` only with Basic auth bob:s3cret; /moved redirects to the same path elsewhere."""
+    archive = b""
+    seen = []
+
+    def do_GET(self):
+        auth = self.headers.get("Authorization")
+        NeedsLogin.seen.append((self.path, auth))
+        if self.path == "/moved":
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/photos.tar.gz")
+            self.end_headers()
+        elif auth == "Basic " + base64.b64encode(b"bob:s3cret").decode():
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.archive)))
+            self.end_headers()
+            self.wfile.write(self.archive)
+        else:
+            self.send_response(401)
+            self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_credentials_come_from_netrc_and_never_follow_a_redirect(tmp_path):
+    archive = write_tar(tmp_path / "photos.tar.gz", TREE)
+    NeedsLogin.archive, NeedsLogin.seen = archive.read_bytes(), []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NeedsLogin)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login bob password s3cret\n")
+    netrc.chmod(0o600)
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    try:
+        def ingest(path, netrc_file):
+            set_params(project, {"data.source": url + path, "data.sha256": sha})
+            return run([python(), "-m", "src.ingest"], project, check=False,
+                       env={**env(), "PYTHONPATH": str(REPO), "NETRC": str(netrc_file)})
+
+        one_line_error(ingest("/photos.tar.gz", tmp_path / "none"), "download failed", "401")
+        result = ingest("/photos.tar.gz", netrc)
+        assert result.returncode == 0, result.stderr
+        assert raw_files(project) == EXTRACTED
+        one_line_error(ingest("/moved", netrc), "401")  # localhost is another host: no password sent there
+        assert NeedsLogin.seen[-2:] == [("/moved", NeedsLogin.seen[-2][1]), ("/photos.tar.gz", None)]
+        assert NeedsLogin.seen[-2][1] is not None
+    finally:
+        server.shutdown()
+        server.server_close()
