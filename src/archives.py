@@ -39,16 +39,16 @@ def ensure_free_space(folder, needed, what):
                         f"spare); free some disk space first")
 
 
-def refuse(archive, problem):
-    raise UserError(f"{archive}: {problem}; refusing to extract it (if you trust it, extract it yourself "
+def refuse(name, problem):
+    raise UserError(f"{name}: {problem}; refusing to extract it (if you trust it, extract it yourself "
                     f"and point data.source at the folder)")
 
 
 class Bounds:
     """The running tally of an archive's headers, refused the moment it goes over a limit."""
 
-    def __init__(self, archive, dest):
-        self.archive, self.dest = archive, dest
+    def __init__(self, archive, dest, name):
+        self.name, self.dest = name, dest
         self.size = archive.stat().st_size
         self.free = shutil.disk_usage(dest).free
         self.count = self.total = 0
@@ -57,23 +57,23 @@ class Bounds:
         self.count += 1
         self.total += size
         if self.count > MAX_MEMBERS:
-            refuse(self.archive, f"more than {MAX_MEMBERS:,} members")
+            refuse(self.name, f"more than {MAX_MEMBERS:,} members")
         if self.total > self.free - DISK_SPARE:
-            refuse(self.archive, f"its members declare {gib(self.total)} or more, but {self.dest} has "
+            refuse(self.name, f"its members declare {gib(self.total)} or more, but {self.dest} has "
                                  f"{gib(self.free)} free (keeping {gib(DISK_SPARE)} spare)")
         if compressed is not None and size > RATIO_FLOOR and size > MAX_RATIO * max(compressed, 1):
-            refuse(self.archive, f"member {name!r} declares {size:,} bytes from {compressed:,} compressed, "
+            refuse(self.name, f"member {name!r} declares {size:,} bytes from {compressed:,} compressed, "
                                  f"over the {MAX_RATIO}:1 limit")
         if self.total > RATIO_FLOOR and self.total > MAX_RATIO * self.size:
-            refuse(self.archive, f"its members declare {self.total:,} bytes or more from a {self.size:,}-byte "
+            refuse(self.name, f"its members declare {self.total:,} bytes or more from a {self.size:,}-byte "
                                  f"archive, over the {MAX_RATIO}:1 limit")
 
 
-def member_parts(archive, name):
+def member_parts(name, member):
     """A member's path as parts, without a leading '/'; refuses '..' anywhere."""
-    parts = [p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("/", ".")]
+    parts = [p for p in PurePosixPath(member.replace("\\", "/")).parts if p not in ("/", ".")]
     if ".." in parts:
-        raise UserError(f"{archive}: member {name!r} would extract outside the folder; refusing an unsafe archive")
+        raise UserError(f"{name}: member {member!r} would extract outside the folder; refusing an unsafe archive")
     return parts
 
 
@@ -91,23 +91,23 @@ def skip_reason(parts, is_link, skipped):
     return False
 
 
-def copy_bounded(src, dst, declared, archive, name):
+def copy_bounded(src, dst, declared, name, member):
     written = 0
     for chunk in iter(lambda: src.read(CHUNK), b""):
         written += len(chunk)
         if written > declared:
-            refuse(archive, f"member {name!r} holds more than the {declared:,} bytes it declares")
+            refuse(name, f"member {member!r} holds more than the {declared:,} bytes it declares")
         dst.write(chunk)
 
 
-def extract_zip(archive, dest, skipped):
+def extract_zip(archive, dest, skipped, name):
     with zipfile.ZipFile(archive) as z:
         infos = z.infolist()
-        bounds = Bounds(archive, dest)
+        bounds = Bounds(archive, dest, name)
         for info in infos:
             bounds.add(info.filename, info.file_size, info.compress_size)
         for info in infos:
-            parts = member_parts(archive, info.filename)
+            parts = member_parts(name, info.filename)
             is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
             if not parts or skip_reason(parts, is_link, skipped):
                 continue
@@ -117,21 +117,21 @@ def extract_zip(archive, dest, skipped):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             with z.open(info) as src, open(target, "wb") as dst:
-                copy_bounded(src, dst, info.file_size, archive, info.filename)
+                copy_bounded(src, dst, info.file_size, name, info.filename)
 
 
-def extract_tar(archive, dest, skipped):
+def extract_tar(archive, dest, skipped, name):
     def safe(member, path):
-        parts = member_parts(archive, member.name)
+        parts = member_parts(name, member.name)
         if not parts or skip_reason(parts, member.issym(), skipped):
             return None  # (a hard link to another member is kept: it is a copy of that member)
         try:
             return tarfile.data_filter(member, path)  # refuses absolute links, devices, links out
         except tarfile.FilterError as e:
-            raise UserError(f"{archive}: {e}; refusing an unsafe archive") from None
+            raise UserError(f"{name}: {e}; refusing an unsafe archive") from None
 
     with tarfile.open(archive) as t:
-        bounds = Bounds(archive, dest)
+        bounds = Bounds(archive, dest, name)
         members = []
         for member in t:  # each header is checked before the next one is read (and this one's data skipped)
             bounds.add(member.name, member.size if member.isreg() else 0)
@@ -154,13 +154,14 @@ def unwrap_single_folder(dest):
 
 
 def extract(archive, dest, source):
-    """Extract `archive` into the empty folder `dest`; {member path: reason} of what was left out."""
-    skipped = {}
+    """Extract `archive` into the empty folder `dest`; {member path: reason} of what was left out.
+    Messages name it as data.source=`source` (a URL already without its secrets)."""
+    skipped, name = {}, f"data.source={source!r}"
     try:
         if zipfile.is_zipfile(archive):
-            extract_zip(archive, dest, skipped)
+            extract_zip(archive, dest, skipped, name)
         elif tarfile.is_tarfile(archive):
-            extract_tar(archive, dest, skipped)
+            extract_tar(archive, dest, skipped, name)
         else:
             raise UserError(f"data.source={source!r} is neither a folder nor a .zip/.tar.gz archive; "
                             f"point it at a folder of class sub-folders or such an archive")

@@ -135,6 +135,10 @@ def refuse_unrecorded(raw):
     if not raw.is_dir():
         return
     found = unrecorded_files(raw)
+    if found and not (raw / INGEST_RECORD.name).is_file():
+        raise UserError(f"{raw} holds {len(found)} file(s) and no record of what ingest wrote there (an older "
+                        f"ingest's copy, or photos put there by hand), so rerunning ingest could delete photos; "
+                        f"{WHERE_PHOTOS_GO}: move any there, then delete {raw} and rerun")
     if found:
         raise UserError(f"{raw} holds {len(found)} file(s) ingest did not write (e.g. {raw / found[0]}), which "
                         f"rerunning it would delete; {WHERE_PHOTOS_GO}: move them there (or delete them if they "

@@ -344,3 +344,12 @@ def test_credentials_come_from_netrc_and_never_follow_a_redirect(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_data_raw_without_ingests_record_is_kept_until_the_user_says(tmp_path):
+    project = tmp_path / "p"
+    write_image_folder(project / "data/raw", per_class=4)  # an older ingest's copy, or photos put there by hand
+    before = snapshot(project / "data/raw")
+    source = write_image_folder(tmp_path / "photos", per_class=4, seed=1)
+    one_line_error(stage(project, "ingest", {"data.source": str(source)}), "no record", "delete data/raw")
+    assert snapshot(project / "data/raw") == before
