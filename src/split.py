@@ -25,7 +25,7 @@ import PIL
 from src import runtime
 from src.common import UserError, run_stage, write_json, write_text
 from src.images import check_image, file_digest, skip_reason_for_name
-from src.paths import DATA_REPORT, MANIFEST, RAW, hidden, workspace_root
+from src.paths import DATA_REPORT, INGEST_RECORD, MANIFEST, RAW, RAW_NOTE, hidden, workspace_root
 from src.params import load_params
 
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -41,6 +41,8 @@ def find_files(raw):
     found, ignored = [], []
     for f in sorted(p for p in raw.rglob("*") if p.is_file()):
         parts = f.relative_to(raw).parts
+        if parts in ((INGEST_RECORD.name,), (RAW_NOTE.name,)):
+            continue
         split = SPLIT_DIRS[parts[0].lower()] if presplit and len(parts) > 1 else None
         inner = parts[1:] if split else parts  # class/[nested folders/]name
         if any(hidden(part) for part in parts[:-1]):
@@ -76,6 +78,15 @@ def unused_class_folders(raw, rows):
             unused.append({"path": folder.as_posix(),
                            "reason": f"no usable images ({n} files, all skipped or conflicting)" if n else "no files"})
     return unused
+
+
+def not_ingested(raw):
+    """What ingest left out of data.source (links, hidden files), from its record: [{path, reason}]."""
+    try:
+        left_out = json.loads((raw / INGEST_RECORD.name).read_text(encoding="utf-8"))["skipped"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # a data/raw that ingest did not write
+    return left_out if isinstance(left_out, list) else []
 
 
 def cache_path():
@@ -235,6 +246,7 @@ def main():
         "images": {s: sum(1 for r in rows if r["split"] == s) for s in SPLITS},
         "per_class": per_class,
         "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "not_ingested": not_ingested(RAW),  # paths as in data.source
         "formats": dict(sorted(format_counts.items())),
         # e.g. the one GIF among JPEGs: often a "photo unavailable" placeholder saved by a scraper
         "rare_format_files": [r["path"] for r in rows if format_counts[formats[r["path"]]] < RARE * len(rows)],
