@@ -58,6 +58,7 @@ crop_range.allowed = "[min, max] with 0 < min <= max <= 1"
 
 
 INF = float("inf")
+PILLOW_MAX_PIXELS = 178_956_970  # Pillow refuses bigger images whatever we allow (2 x Image.MAX_IMAGE_PIXELS)
 SCHEMA = {
     "arch": text,  # checked against the model registry when the model is built
     "seed": integer(0),
@@ -67,6 +68,7 @@ SCHEMA = {
         "val": number(0, 1, hi_open=True),
         "test": number(0, 1, hi_open=True),
         "image_size": integer(1),
+        "max_pixels": integer(1, PILLOW_MAX_PIXELS),
     },
     "model": {
         "pretrained": text,

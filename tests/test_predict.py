@@ -201,7 +201,8 @@ def test_int8_model_reads_the_pixels_straight_into_its_first_conv(exported, tmp_
     a plain conv's alone keeps the fp32 normalisation in the graph and still classifies."""
     import onnx
     import torch.nn as nn
-    from src.onnx_model import OnnxClassifier, export_onnx, quantize_int8
+    from src.onnx_classifier import OnnxClassifier
+    from src.onnx_model import export_onnx, quantize_int8
     _, model_path, _ = exported
     ops = lambda path: {node.op_type for node in onnx.load(str(path)).graph.node}  # noqa: E731
     assert {"Cast", "Sub", "Mul"} <= ops(model_path.with_suffix(".onnx"))
@@ -245,17 +246,20 @@ def test_image_model_gives_error_rows_for_bad_inputs_and_the_onnx_classes_for_go
     import base64
 
     import pandas as pd
-    from src.onnx_model import OnnxClassifier
-    from src.serving import ImageClassifier
+    from src.onnx_classifier import OnnxClassifier
+    from src.serving import FILES, ImageClassifier
     project, model_path, images = exported
-    classifier = ImageClassifier()
-    classifier.model = OnnxClassifier(model_path.with_suffix(".onnx"))
-    good = sorted(images.rglob("img_*"))[:3]
+    good = sorted(images.rglob("img_*"))[:4]
     inputs = [base64.b64encode(good[0].read_bytes()).decode(), str(good[1]), "####", "",
-              base64.b64encode(b"GIF89a but broken").decode(), base64.b64encode(good[2].read_bytes()).decode()]
-    out = classifier.predict(None, pd.DataFrame({"image": inputs}))
-    assert list(out["error"] != "") == [False, False, True, True, True, False]
-    for i, path in ((0, good[0]), (1, good[1]), (5, good[2])):
-        assert out["class"][i] == CLASSES[reference(model_path, path).argmax()]
-        assert out["top_k_classes"][i][0] == out["class"][i] and len(out["top_k_classes"][i]) == 3
-    assert (out["class"][2:5] == "").all() and "base64" in out["error"][2]
+              base64.b64encode(b"GIF89a but broken").decode(), base64.b64encode(good[2].read_bytes()).decode(),
+              good[3].read_bytes()]  # raw bytes, as a caller in Python may pass them
+    for environ in ({FILES: str(images)}, {}):  # file paths allowed under `images`, or none at all
+        classifier = ImageClassifier(environ)
+        classifier.model = OnnxClassifier(model_path.with_suffix(".onnx"))
+        out = classifier.predict(None, pd.DataFrame({"image": inputs}))
+        assert list(out["error"] != "") == [False, not environ, True, True, True, False, False]
+        for i, path in ((0, good[0]), (1, good[1]), (5, good[2]), (6, good[3])):
+            if out["error"][i] == "":
+                assert out["class"][i] == CLASSES[reference(model_path, path).argmax()]
+                assert out["top_k_classes"][i][0] == out["class"][i] and len(out["top_k_classes"][i]) == 3
+        assert (out["class"][2:5] == "").all() and "base64" in out["error"][2]
