@@ -65,8 +65,12 @@ class PixelBudget:
     def check(self, width, height, what="image"):
         if width * height > self.pixels:
             raise ImageRefused(f"too large to decode safely: {what} {width} x {height} px = "
-                               f"{width * height / 1e6:.1f} Mpx, over the budget of {self.pixels / 1e6:.1f} Mpx "
+                               f"{pixel_count(width * height)}, over the budget of {pixel_count(self.pixels)} "
                                f"({self.knob})")
+
+
+def pixel_count(n):
+    return f"{n / 1e6:.1f} Mpx" if n >= 100_000 else f"{n:,} px"
 
 
 # Pillow's own ceiling: it refuses more pixels than this whatever the budget says.

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import env, make_project, python, run
+from conftest import env, make_project, python, run, set_params
 from src.checkpoint import save_checkpoint
 from src.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from src.inference import load_trained_model
@@ -173,6 +173,27 @@ def test_onnx_backends_give_the_torch_rows_and_keep_error_rows(exported):
                     assert float(got["probability"]) == pytest.approx(float(want["probability"]), abs=1e-4)
     # auto: int8 where export recorded >= 99% agreement, else torch
     assert "(int8)" in predict(project, *common, "--backend", "auto").stderr
+
+
+def test_onnx_backends_never_import_torch_and_give_an_image_over_data_max_pixels_an_error_row(exported):
+    project, model, images = exported
+    big = images.parent / "big.png"
+    Image.new("RGB", (60, 60), (250, 20, 20)).save(big)
+    files = [images / "img_1.jpg", big]  # 40 x 31 px, resized to 47 x 37 for the model; 60 x 60 px
+    # A budget between the two; decoded by threads (processes would be torch's DataLoader).
+    set_params(project, {"data.max_pixels": 2000, "predict.workers": 0})
+    try:
+        for backend in ("onnx", "int8"):
+            result = run([python(), "-X", "importtime", "-m", "src.predict", *map(str, files), "--model", str(model),
+                          "--backend", backend], project, check=False)
+            imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                        if line.startswith("import time:")}
+            assert "numpy" in imported and not {m for m in imported if m.split(".")[0] in ("torch", "torchvision")}
+            rows = list(csv.DictReader(io.StringIO(result.stdout)))
+            assert result.returncode == 1 and [r["error"] == "" for r in rows] == [True, False], result.stderr
+            assert "over the budget" in rows[1]["error"] and "data.max_pixels" in rows[1]["error"]
+    finally:
+        set_params(project, {"data.max_pixels": 120_000_000, "predict.workers": 1})
 
 
 def test_auto_backend_runs_torch_when_int8_agreed_too_little(exported, tmp_path):
