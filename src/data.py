@@ -14,16 +14,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms import v2
 
-from src.runtime import cpu_count
 from src.images import open_rgb
+from src.pixels import resize_size
+from src.runtime import cpu_count
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def resize_size(image_size):
-    """Eval-time resize before the center crop: 256 for 224, as ImageNet training used."""
-    return int(round(image_size * 256 / 224))
 
 
 def to_uint8_tensor(img):
@@ -105,13 +101,6 @@ def eval_crop(image_size, to_tensor=True):
     ])
 
 
-def center_crop(pixels, size):
-    """CenterCrop (torchvision's rounding) of an H x W x 3 uint8 array: a view, no copy."""
-    height, width = pixels.shape[:2]
-    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-    return pixels[top:top + size, left:left + size]
-
-
 def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The tutorial's evaluation transform, float out: eval_crop, then ToTensor's /255 and Normalize, per image."""
     return transforms.Compose([
@@ -156,12 +145,6 @@ def shrink(img, side):
         return img
     scale = side / min(img.size)
     return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
-
-
-def default_workers(processes_per_machine=1):
-    """Decoding processes: the cores left after the training process(es), at most 16 each
-    (a fast GPU trains resnet50 at 224 px faster than 8 processes augment)."""
-    return min(16, max(1, cpu_count() // processes_per_machine - 1))
 
 
 def make_loader(dataset, batch_size, shuffle=False, workers=0, pin_memory=False, sampler=None, generator=None,

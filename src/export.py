@@ -20,7 +20,8 @@ from src import runtime, serving
 from src.classes import check_same_classes, held_out_split, read_manifest
 from src.common import UserError, run_stage, write_json
 from src.inference import ImageFiles, classify_files, load_trained_model
-from src.onnx_model import OnnxClassifier, classify_files_onnx, export_onnx, quantize_int8, set_metadata
+from src.onnx_classifier import OnnxClassifier, classify_files_onnx
+from src.onnx_model import export_onnx, quantize_int8, set_metadata
 from src.params import load_params
 from src.paths import EXPORT_METRICS, MODEL, ONNX_INT8_MODEL, ONNX_MODEL
 

@@ -97,6 +97,7 @@ crop_range.allowed = "[min, max] with 0 < min <= max <= 1"
 MAX_EPOCHS = 100_000
 MAX_BATCH = 65_536
 MAX_WORKERS = 1024
+PILLOW_MAX_PIXELS = 178_956_970  # Pillow refuses bigger images whatever we allow (2 x Image.MAX_IMAGE_PIXELS)
 SCHEMA = {
     "arch": text,  # checked against the model registry when the model is built
     "seed": integer(0, 2**32 - 1),  # numpy's seed range; torch takes up to 2**64 - 1 (seed + rank, + epoch)
@@ -106,6 +107,7 @@ SCHEMA = {
         "val": number(0, 1, hi_open=True),
         "test": number(0, 1, hi_open=True),
         "image_size": integer(1, 4096),
+        "max_pixels": integer(1, PILLOW_MAX_PIXELS),
     },
     "model": {
         "pretrained": text,

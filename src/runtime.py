@@ -65,6 +65,12 @@ def cpu_count():
         return os.cpu_count() or 1
 
 
+def default_workers(processes_per_machine=1):
+    """Decoding processes: the cores left after the training process(es), at most 16 each
+    (a fast GPU trains resnet50 at 224 px faster than 8 processes augment)."""
+    return min(16, max(1, cpu_count() // processes_per_machine - 1))
+
+
 def keep_freed_memory():
     """Let this process reuse the memory it frees instead of handing it back to the kernel.
 

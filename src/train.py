@@ -32,12 +32,13 @@ from tqdm import tqdm
 from src import runtime, tracking
 from src.classes import load_class_names, read_manifest
 from src.common import UserError, read_json, run_stage, write_json, write_text
-from src.data import ImageListDataset, default_workers, make_loader, resize_size, rows_for, train_transform
+from src.data import ImageListDataset, make_loader, rows_for, train_transform
 from src.device import (Normalizer, RunSettings, configure, init_distributed, pick_device, pick_precision,
                         use_channels_last)
 from src.inference import ImageFiles, classify_files
 from src.networks import create_model, normalization, set_transfer_phase
 from src.params import load_params
+from src.pixels import resize_size
 from src.paths import CLASS_INDEX, DATA_REPORT, TRAIN_HISTORY, TRAIN_METRICS
 from src.resume import Progress, rng_state
 
@@ -73,7 +74,7 @@ def loader_workers(choice, cached, device, processes_per_machine=1):
     workers augment there even from the cache (one process can't augment as fast as a GPU trains)."""
     if choice != "auto":
         return choice
-    return 0 if cached and device.type == "cpu" else default_workers(processes_per_machine)
+    return 0 if cached and device.type == "cpu" else runtime.default_workers(processes_per_machine)
 
 
 def make_optimizer(model, cfg):
