@@ -36,13 +36,13 @@ from src import predict
 from src.core import process
 from src.networks.checkpoint import save_checkpoint
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_crop, eval_transform
-from src.images import image_problem
+from src.data.images import image_problem
 from src.inference.classify import compiled, forward, prepare_for_inference
 from src.networks.checkpoint import load_trained_model
 from src.core.device import Normalizer, cpu_has_bf16
-from src.onnx_model import export_onnx, quantize_int8, set_metadata
+from src.shipping.onnx_export import export_onnx, quantize_int8, set_metadata
 from src.networks.factory import build_model
-from src.params import load_params
+from src.core.params import load_params
 
 
 def write_images(folder, n, side, rng):

@@ -26,7 +26,7 @@ from src.data.loaders import make_loader
 from src.core import process
 from src.core.device import pick_device
 from src.networks.transfer import create_model
-from src.params import load_params
+from src.core.params import load_params
 from src.train import load_data, run_settings
 from src.training.schedule import EpochPlan
 from src.training.trainer import make_optimizer, make_trainer, train_one_epoch

@@ -3,9 +3,10 @@
 Names are sorted, so the same classes always get the same indices.
 """
 from src.core import process
-from src.common import run_stage, write_json
+from src.core.files import write_json
+from src.core.process import run_stage
 from src.data.manifest import read_manifest
-from src.paths import CLASS_INDEX
+from src.core.paths import CLASS_INDEX
 
 
 def main():

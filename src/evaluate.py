@@ -19,18 +19,21 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from src import tracking
+from src.core import tracking
 from src.core import process
 from src.data.manifest import check_same_classes, held_out_split, read_manifest
-from src.common import UserError, run_stage, write_json, write_text
+from src.core.errors import UserError
+from src.core.files import write_json, write_text
+from src.core.process import run_stage
 from src.data.manifest import rows_for
 from src.core.device import pick_device
 from src.inference.figures import confusion_figure, image_grid, save_figure
 from src.inference.explain import overlays
-from src.inference.classify import ImageFiles, classify_files
+from src.data.loaders import ImageFiles
+from src.inference.classify import classify_files
 from src.networks.checkpoint import load_trained_model
-from src.params import flatten, load_params
-from src.paths import CONFUSION_CSV, CONFUSION_PNG, EVAL_METRICS, MISCLASSIFIED_PNG, MODEL
+from src.core.params import flatten, load_params
+from src.core.paths import CONFUSION_CSV, CONFUSION_PNG, EVAL_METRICS, MISCLASSIFIED_PNG, MODEL
 
 
 def confusion_matrix(y_true, y_pred, n_classes):

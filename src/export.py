@@ -2,29 +2,33 @@
 
 Writes
   models/model.onnx       fp32; uint8 NHWC RGB images (resized + cropped) in, probabilities
-                          out, class names and preprocessing in its metadata (`src.onnx_model`)
+                          out, class names and preprocessing in its metadata (`src.shipping.onnx_export`)
   models/model.int8.onnx  int8 static quantisation (QDQ, per-channel), calibrated on
                           export.calibration_images training images, the same input and output:
                           predict's fastest path on a CPU, with or without native bf16
   metrics/export.json     on the held-out split (test, else val), decoded as predict decodes it:
                           onnxruntime against PyTorch fp32: top-1 agreement, max |probability
                           difference|; the same for the int8 model
-and logs `image_model` into the training's MLflow run: a pyfunc that takes images (`src.serving`).
+and logs `image_model` into the training's MLflow run: a pyfunc that takes images (`src.shipping.serving`).
 """
 import random
 
 import numpy as np
 import torch
 
-from src import serving
 from src.core import process
+from src.shipping import serving
 from src.data.manifest import check_same_classes, held_out_split, read_manifest
-from src.common import UserError, run_stage, write_json
-from src.inference.classify import ImageFiles, classify_files
+from src.core.errors import UserError
+from src.core.files import write_json
+from src.core.process import run_stage
+from src.data.loaders import ImageFiles
+from src.inference.classify import classify_files
 from src.networks.checkpoint import load_trained_model
-from src.onnx_model import OnnxClassifier, classify_files_onnx, export_onnx, quantize_int8, set_metadata
-from src.params import load_params
-from src.paths import EXPORT_METRICS, MODEL, ONNX_INT8_MODEL, ONNX_MODEL
+from src.shipping.onnx_runtime import OnnxClassifier, classify_files_onnx
+from src.shipping.onnx_export import export_onnx, quantize_int8, set_metadata
+from src.core.params import load_params
+from src.core.paths import EXPORT_METRICS, MODEL, ONNX_INT8_MODEL, ONNX_MODEL
 
 BATCH = 64
 CALIBRATION_BATCH = 16

@@ -11,27 +11,28 @@
 Everything about the model (arch, classes, image size, normalisation) comes from the
 checkpoint (or the exported ONNX file's metadata). Every file gets a row: its top-k classes
 with probabilities, or why it could not be read. Exit code 0 when every file was classified, 1
-when any could not be (2 for a usage problem).
+when any could not be (2 for a usage problem). An image over data.max_pixels gets an error row.
+With --backend onnx or int8, torch is never imported.
 """
 import argparse
 import csv
+import functools
 import glob
 import io
 import json
 import sys
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from src.core import process
 from src.data.manifest import check_same_classes, held_out_split, read_manifest
-from src.common import UserError, run_stage, write_text
-from src.core.device import pick_device
-from src.images import is_image_name
-from src.inference.classify import classify_files
-from src.networks.checkpoint import load_trained_model
-from src.params import load_params
-from src.paths import CLASS_INDEX, MODEL, PREDICTIONS
+from src.core.errors import UserError
+from src.core.files import write_text
+from src.core.process import run_stage
+from src.data.images import PixelBudget, is_image_name
+from src.core.params import load_params
+from src.core.paths import CLASS_INDEX, MODEL, PREDICTIONS
 
 PICTURE_LIMIT = 16  # images drawn by --picture; more would be too small to see
 
@@ -61,10 +62,11 @@ def expand_inputs(inputs):
 def result_rows(files, probs, errors, class_names, top_k):
     """One dict per file: {file, top_k: [(class, probability), ...], error}."""
     k = min(top_k, len(class_names))
-    top_p, top_i = torch.as_tensor(probs).topk(k, dim=1)
+    probs = np.asarray(probs, dtype=np.float32)
+    top_i = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return [{"file": str(f), "error": err or None,
-             "top_k": [] if err else [(class_names[i], p) for i, p in zip(idx.tolist(), prob.tolist())]}
-            for f, err, prob, idx in zip(files, errors, top_p, top_i)]
+             "top_k": [] if err else [(class_names[i], float(prob[i])) for i in idx]}
+            for f, err, prob, idx in zip(files, errors, probs, top_i)]
 
 
 def to_csv(rows, top_k):
@@ -153,13 +155,14 @@ ONNX_FILES = {"onnx": ".onnx", "int8": ".int8.onnx"}  # beside the checkpoint: m
 INT8_MIN_AGREEMENT = 0.99
 
 
-def pick_backend(choice, checkpoint, device):
+def pick_backend(choice, checkpoint, on_cpu):
     """(backend, OnnxClassifier or None). The ONNX files must come from this very checkpoint.
     auto: on a CPU the int8 model, the fastest path measured with or without native bf16
     (benchmarks/README.md), if its top-1 agreement with fp32 on the held-out split, measured
-    by export, is >= 99%; else (and on GPUs) torch, in bf16 where the hardware has it natively."""
-    from src.onnx_model import OnnxClassifier
-    if choice == "torch" or (choice == "auto" and device.type != "cpu"):
+    by export, is >= 99%; else (and on GPUs) torch, in bf16 where the hardware has it natively.
+    onnx and int8 run on the CPU, and never import torch."""
+    from src.shipping.onnx_runtime import OnnxClassifier
+    if choice == "torch" or (choice == "auto" and not on_cpu()):
         return "torch", None
     backend = "int8" if choice == "auto" else choice
     path = Path(checkpoint).with_suffix(ONNX_FILES[backend])
@@ -175,26 +178,36 @@ def pick_backend(choice, checkpoint, device):
     return backend, classifier
 
 
-def classify(args, cfg, files, device):
+def classify(args, cfg, files, budget):
     """(probabilities, errors, class names, backend name) of the files with the chosen backend."""
-    backend, classifier = pick_backend(args.backend, args.model, device)
+    @functools.cache
+    def device():  # only the torch backend (or auto choosing) asks: finding it imports torch
+        from src.core.device import pick_device
+        return pick_device(cfg["device"], "predict.device")
+
+    backend, classifier = pick_backend(args.backend, args.model, lambda: device().type == "cpu")
     if classifier is not None:
-        from src.onnx_model import classify_files_onnx
-        probs, errors = classify_files_onnx(classifier, files, args.batch_size, cfg["workers"])
-        return torch.from_numpy(probs), errors, classifier.class_names, backend
-    model, ckpt = load_trained_model(args.model, device)
+        from src.shipping.onnx_runtime import classify_files_onnx
+        probs, errors = classify_files_onnx(classifier, files, args.batch_size, cfg["workers"], budget=budget)
+        return probs, errors, classifier.class_names, backend
+    import torch
+    from src.data.loaders import ImageFiles
+    from src.inference.classify import classify_files
+    from src.networks.checkpoint import load_trained_model
+    model, ckpt = load_trained_model(args.model, device())
     compile_choice = {"auto": "auto", "true": True, "false": False}[args.compile]
-    logits, errors = classify_files(model, ckpt, files, device, args.batch_size, args.precision, cfg["workers"],
-                                    compile_choice, desc="predict")
-    return torch.softmax(logits, 1), errors, ckpt["class_names"], backend
+    logits, errors = classify_files(model, ckpt, ImageFiles(files, ckpt["image_size"], budget), device(),
+                                    args.batch_size, args.precision, cfg["workers"], compile_choice, desc="predict")
+    return torch.softmax(logits, 1).numpy(), errors, ckpt["class_names"], backend
 
 
 def write_explanations(rows, checkpoint, folder):
     """One Grad-CAM overlay PNG per readable file (of its top class) in `folder`; returns how many."""
     from PIL import Image
-    from src.common import atomic_path
+    from src.core.files import atomic_path
     from src.inference.explain import overlay_names, overlays
-    from src.inference.classify import ImageFiles
+    from src.data.loaders import ImageFiles
+    from src.networks.checkpoint import load_trained_model
 
     model, ckpt = load_trained_model(checkpoint)  # fp32 on the CPU: gradients, one image batch at a time
     readable = [r for r in rows if not r["error"]]
@@ -216,12 +229,12 @@ def main(argv=None):
     params = load_params()
     args = parse_args(argv, params)
     cfg = params["predict"]
-    device = pick_device(cfg["device"], "predict.device")
+    budget = PixelBudget(params["data"]["max_pixels"], "data.max_pixels in params.yaml")
     inputs = args.inputs or [cfg["input"]]
     files = expand_inputs(inputs)
     if not files:
         raise UserError(f"no image files in {' '.join(inputs)}; give image files, folders holding them, or globs")
-    probs, errors, class_names, backend = classify(args, cfg, files, device)
+    probs, errors, class_names, backend = classify(args, cfg, files, budget)
     if "test" in inputs and CLASS_INDEX.exists():
         check_same_classes(class_names)
     rows = result_rows(files, probs, errors, class_names, args.top_k)

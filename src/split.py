@@ -1,7 +1,7 @@
 """Stage `split`: check every image once and write the train/val/test manifest.
 
-Each file in data/raw is decoded; the ones that can't be used are listed with the reason
-in metrics/data_report.json and left out. Decoding results are cached by content hash
+Each file in data/raw is decoded; the ones that can't be used (broken, not an allowed format,
+over data.max_pixels) are listed with the reason in metrics/data_report.json and left out. Decoding results are cached by content hash
 (.dvc/tmp/image_checks.json), so rerunning the split, e.g. with other ratios, decodes nothing.
 
 The split is stratified per class and seeded, and it depends only on file contents: a file's
@@ -11,6 +11,7 @@ files filed under two different classes are left out as ambiguous. A folder alre
 train/ and val/ (and optionally test/) keeps its split; without val/, val is taken from train/.
 """
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -23,10 +24,12 @@ from pathlib import Path
 import PIL
 
 from src.core import process
-from src.common import UserError, run_stage, write_json, write_text
-from src.images import check_image, file_digest, skip_reason_for_name
-from src.paths import DATA_REPORT, MANIFEST, RAW, hidden, workspace_root
-from src.params import load_params
+from src.core.errors import UserError
+from src.core.files import write_json, write_text
+from src.core.process import run_stage
+from src.data.images import PixelBudget, check_image, file_digest, skip_reason_for_name
+from src.core.paths import DATA_REPORT, INGEST_RECORD, MANIFEST, RAW, RAW_NOTE, hidden, workspace_root
+from src.core.params import load_params
 
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 SPLITS = ("train", "val", "test")
@@ -41,6 +44,8 @@ def find_files(raw):
     found, ignored = [], []
     for f in sorted(p for p in raw.rglob("*") if p.is_file()):
         parts = f.relative_to(raw).parts
+        if parts in ((INGEST_RECORD.name,), (RAW_NOTE.name,)):
+            continue
         split = SPLIT_DIRS[parts[0].lower()] if presplit and len(parts) > 1 else None
         inner = parts[1:] if split else parts  # class/[nested folders/]name
         if any(hidden(part) for part in parts[:-1]):
@@ -78,35 +83,51 @@ def unused_class_folders(raw, rows):
     return unused
 
 
+def not_ingested(raw):
+    """What ingest left out of data.source (links, hidden files), from its record: [{path, reason}]."""
+    try:
+        left_out = json.loads((raw / INGEST_RECORD.name).read_text(encoding="utf-8"))["skipped"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # a data/raw that ingest did not write
+    return left_out if isinstance(left_out, list) else []
+
+
 def cache_path():
     """Under the real project's .dvc/tmp (git-ignored scratch), also from a `dvc exp --temp` copy."""
     root = workspace_root()
     return root / ".dvc" / "tmp" / "image_checks.json" if (root / ".dvc").is_dir() else None
 
 
-def load_cache(path):
+def cache_key(budget):
+    """What a cached check depends on besides the file's content: Pillow's version and the pixel budget."""
+    return {"pillow": PIL.__version__, "max_pixels": budget.pixels}
+
+
+def load_cache(path, budget):
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
-        return cached["checks"] if cached.get("pillow") == PIL.__version__ else {}
+        return cached["checks"] if {k: cached.get(k) for k in cache_key(budget)} == cache_key(budget) else {}
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return {}  # absent or unreadable: everything is decoded again
 
 
-def check_images(paths):
-    """{path: (sha256, problem or None, format)}; each distinct content is decoded at most once, ever."""
+def check_images(paths, budget):
+    """{path: (sha256, problem or None, format)}; each distinct content is decoded at most once, ever
+    (for one pixel budget: an image over it is a problem)."""
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
         digests = dict(zip(paths, pool.map(file_digest, paths)))  # hashing releases the GIL
     cache = cache_path()
-    known = load_cache(cache) if cache else {}
+    known = load_cache(cache, budget) if cache else {}
     todo = {}
     for path, digest in digests.items():
         if digest not in known:
             todo.setdefault(digest, path)
     if todo:
         with ProcessPoolExecutor() as pool:
-            known.update(zip(todo, pool.map(check_image, todo.values(), chunksize=16)))
+            known.update(zip(todo, pool.map(functools.partial(check_image, budget=budget), todo.values(),
+                                            chunksize=16)))
         if cache:
-            write_json(cache, {"pillow": PIL.__version__, "checks": known})
+            write_json(cache, {**cache_key(budget), "checks": known})
     print(f"split: checked {len(paths)} images ({len(todo)} decoded, the rest known by content hash)")
     return {p: (d, *known[d]) for p, d in digests.items()}
 
@@ -192,7 +213,8 @@ def main():
     if not RAW.is_dir():
         raise UserError(f"{RAW} not found: run `dvc repro ingest` first")
     found, ignored, layout = find_files(RAW)
-    checked = check_images([f for f, _, _ in found])
+    budget = PixelBudget(params["data"]["max_pixels"], "data.max_pixels in params.yaml")
+    checked = check_images([f for f, _, _ in found], budget)
     skipped = [{"path": p.as_posix(), "reason": reason} for p, reason in ignored]
     files, formats = [], {}
     for path, label, split in found:
@@ -235,6 +257,7 @@ def main():
         "images": {s: sum(1 for r in rows if r["split"] == s) for s in SPLITS},
         "per_class": per_class,
         "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "not_ingested": not_ingested(RAW),  # paths as in data.source
         "formats": dict(sorted(format_counts.items())),
         # e.g. the one GIF among JPEGs: often a "photo unavailable" placeholder saved by a scraper
         "rare_format_files": [r["path"] for r in rows if format_counts[formats[r["path"]]] < RARE * len(rows)],

@@ -20,20 +20,25 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
-from src import tracking
-from src.common import UserError, read_json, run_stage, write_json, write_text
+from src.core import tracking
+from src.core.errors import UserError
+from src.core.files import read_json, write_json, write_text
+from src.core.process import run_stage
 from src.core import process
+from src.core.process import decoding_workers
 from src.core.device import Normalizer, RunSettings, configure, pick_device, pick_precision, use_channels_last
 from src.data.datasets import ImageListDataset
-from src.data.loaders import loader_workers, make_loader
+from src.data.loaders import make_loader
 from src.data.manifest import load_class_names, read_manifest, rows_for
-from src.data.transforms import resize_size, train_transform
-from src.inference.classify import ImageFiles, classify_files
+from src.data.image_files import resize_size
+from src.data.transforms import train_transform
+from src.data.loaders import ImageFiles
+from src.inference.classify import classify_files
 from src.networks.checkpoint import load_trained_model
 from src.networks.pretrained import normalization
 from src.networks.transfer import create_model, set_transfer_phase
-from src.params import load_params
-from src.paths import CLASS_INDEX, DATA_REPORT, TRAIN_HISTORY, TRAIN_METRICS
+from src.core.params import load_params
+from src.core.paths import CLASS_INDEX, DATA_REPORT, TRAIN_HISTORY, TRAIN_METRICS
 from src.training.distributed import check_ranks_agree, gather_rng_states, init_distributed, sync_buffers
 from src.training.resume import Progress
 from src.training.schedule import EpochPlan
@@ -60,7 +65,9 @@ def load_data(params, class_names, device, processes_per_machine=1):
                               cfg["random_erasing"])
     train_set = ImageListDataset(train_paths, train_labels, augment, cache, side)
     val = (ImageFiles(val_paths, data["image_size"], keep=cache), torch.tensor(val_labels, dtype=torch.long))
-    return train_set, val, loader_workers(cfg["workers"], cache, device, processes_per_machine)
+    workers = decoding_workers(cfg["workers"], len(train_paths), cfg["batch_size"], training=True, cached=cache,
+                               on_cpu=device.type == "cpu", processes_per_machine=processes_per_machine)
+    return train_set, val, workers
 
 
 def evaluate(model, info, val, device, batch_size):

@@ -16,6 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 PROJECT_FILES = ["src", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"]
 
+# MLflow models this project logs (the pt2 network, the models-from-code image model) load without
+# unpickling anything: every MLflow load in the tests, in process or in a server, proves it.
+os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains or runs the pipeline through real dvc (`make test-fast` skips it)")
 
@@ -173,3 +178,26 @@ def tutorial_logits(model, ckpt, paths, batch_size=256):
                     batch.append(transform(img.convert("RGB")))
             logits.append(model(torch.stack(batch)).float())
     return torch.cat(logits)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """(project, test-split manifest rows, MLflow run id): one tiny project trained and exported
+    through `dvc repro export`, committed and tagged as an artifact version (what `dvc artifacts
+    get` looks up); shared by the export and serving tests."""
+    import csv
+
+    import mlflow
+
+    root = tmp_path_factory.mktemp("export")
+    write_image_folder(root / "images", per_class=16, size=40)
+    project = make_project(root / "project", {
+        "data.source": str(root / "images"), "data.image_size": 32, "data.val": 0.2, "data.test": 0.25,
+        "train.epochs": 4, "export.calibration_images": 16, "mlflow.register_model": "shapes"})
+    run(["dvc", "repro", "export"], project)
+    run("git add -A && git commit -qm trained && git tag -a resnet-classifier@v0.1.0 -m v0.1.0", project)
+    with open(project / "data/manifest.csv", newline="") as f:
+        test = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    (run_info,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    return project, test, run_info.info.run_id

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from src import images
+from src.data import images
 from src.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomResizedCropFlip, eval_crop, eval_transform, to_uint8_tensor)
-from src.images import open_rgb, plain_jpeg_pixels
+from src.data.images import open_rgb, plain_jpeg_pixels
 from src.core.device import Normalizer, RunSettings
-from src.inference.classify import ImageFiles
+from src.data.loaders import ImageFiles
 
 
 def photo(width, height, seed=0):
@@ -171,8 +171,11 @@ def test_jpeg_decodes_at_reduced_size_only_as_far_as_min_side_allows(tmp_path):
 
 
 def test_loader_workers_keep_a_gpu_fed_but_leave_cpu_cores_to_the_model():
-    from src.data.loaders import loader_workers
-    assert loader_workers("auto", True, torch.device("cpu")) == 0  # cached, CPU model: no process
-    assert loader_workers("auto", True, torch.device("cuda")) >= 1  # cached, GPU: augment in workers
-    assert loader_workers("auto", False, torch.device("cpu")) >= 1  # decoding from disk
-    assert loader_workers(3, True, torch.device("cpu")) == 3  # an explicit number wins
+    from src.core.process import decoding_workers
+    def training(cached, device):
+        return decoding_workers("auto", 1000, 64, training=True, cached=cached, on_cpu=device == "cpu")
+    assert training(True, "cpu") == 0  # cached, CPU model: no process
+    assert training(True, "cuda") >= 1  # cached, GPU: augment in workers
+    assert training(False, "cpu") >= 1  # decoding from disk
+    assert decoding_workers(3, 1000, 64, training=True, cached=True) == 3  # an explicit number wins
+    assert decoding_workers("auto", 64, 64) == 0  # inference on one batch: no process

@@ -13,7 +13,7 @@ import torch
 
 from conftest import env, free_port, make_project, run, stop_server, wait_until_answers, write_image_folder
 from src.networks.checkpoint import load_trained_model
-from src.params import flatten
+from src.core.params import flatten
 
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 

@@ -1,7 +1,7 @@
 """The export stage through real dvc, and what it ships: the ONNX files agree with PyTorch, the
-MLflow image model classifies base64 JPEGs and paths, and `mlflow models serve` answers over REST."""
+MLflow image model classifies base64 JPEGs (and paths where allowed), and `mlflow models serve`
+answers over REST (attacks on the server: test_serving.py)."""
 import base64
-import csv
 import io
 import json
 import subprocess
@@ -14,27 +14,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import env, free_port, make_project, run, stop_server, wait_until_answers, write_image_folder
+from conftest import env, free_port, run, stop_server, wait_until_answers
 
 CLASSES = ["circle", "cross", "square"]  # write_image_folder's, sorted
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """One tiny project trained and exported through `dvc repro export`, committed and tagged as
-    an artifact version (what `dvc artifacts get` looks up)."""
-    root = tmp_path_factory.mktemp("export")
-    write_image_folder(root / "images", per_class=16, size=40)
-    project = make_project(root / "project", {
-        "data.source": str(root / "images"), "data.image_size": 32, "data.val": 0.2, "data.test": 0.25,
-        "train.epochs": 4, "export.calibration_images": 16, "mlflow.register_model": "shapes"})
-    run(["dvc", "repro", "export"], project)
-    run("git add -A && git commit -qm trained && git tag -a resnet-classifier@v0.1.0 -m v0.1.0", project)
-    with open(project / "data/manifest.csv", newline="") as f:
-        test = [r for r in csv.DictReader(f) if r["split"] == "test"]
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    (run_info,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    return project, test, run_info.info.run_id
 
 
 def jpeg_base64(path):
@@ -61,19 +43,24 @@ def test_export_json_onnx_metadata_and_the_registry_artifact(exported, tmp_path)
 
 
 @pytest.mark.slow
-def test_registered_image_model_classifies_base64_jpegs_and_paths_and_reports_bad_inputs(exported):
+def test_registered_image_model_classifies_base64_jpegs_and_allowed_paths_and_reports_bad_inputs(exported,
+                                                                                                   monkeypatch):
     project, test, run_id = exported
     (version,) = mlflow.MlflowClient().search_model_versions("name='shapes'")
     assert version.run_id == run_id  # the image model (it answers base64 JPEGs below), not the raw graph
-    model = mlflow.pyfunc.load_model("models:/shapes/1")
+    monkeypatch.setenv("RESNET_TL_SERVE_FILES", str(project / "data"))  # read when the model loads
+    model = mlflow.pyfunc.load_model("models:/shapes/1")  # with pickle refused (conftest): none needed
     images = [jpeg_base64(project / r["path"]) for r in test] + [str(project / r["path"]) for r in test]
-    bad = ["not base64 at all!", base64.b64encode(b"plain text, not an image").decode()]
+    bad = ["not base64 at all!", base64.b64encode(b"plain text, not an image").decode(), str(project / "params.yaml")]
     out = model.predict(pd.DataFrame({"image": images + bad}))
     assert list(out.columns) == ["class", "probability", "top_k_classes", "top_k_probabilities", "error"]
-    assert list(out["class"][:-2]) == [r["label"] for r in test] * 2
-    assert (out["error"][:-2] == "").all() and all(len(k) == 3 for k in out["top_k_classes"][:-2])
-    assert list(out["class"][-2:]) == ["", ""]
-    assert "base64" in out["error"].iloc[-2] and "not an image" in out["error"].iloc[-1]
+    assert list(out["class"][:-3]) == [r["label"] for r in test] * 2
+    assert (out["error"][:-3] == "").all() and all(len(k) == 3 for k in out["top_k_classes"][:-3])
+    assert list(out["class"][-3:]) == ["", "", ""]
+    assert "base64" in out["error"].iloc[-3] and "not an image" in out["error"].iloc[-2]
+    assert out["error"].iloc[-1] == out["error"].iloc[-3]  # outside the allowed folder: as if no file were there
+    raw = model.predict(pd.DataFrame({"image": [(project / test[0]["path"]).read_bytes()]}))  # raw bytes
+    assert list(raw["class"]) == [test[0]["label"]] and list(raw["error"]) == [""]
 
 
 @pytest.mark.slow

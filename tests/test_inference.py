@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from src.core.device import Normalizer, RawPixels, RunSettings
 from src.inference.rewrites import (BitsReLU, MeanPaddedPixelConv, NormalizedInputConv, fold_normalization, fold_normalization_for_uint8)
-from src.inference.classify import ImageFiles, decoded_batches, forward, prepare_for_inference
+from src.data.loaders import ImageFiles, decoded_batches
+from src.inference.classify import forward, prepare_for_inference
 from src.networks.factory import build_model
 
 MEAN_STD = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
@@ -116,7 +117,7 @@ def test_normalization_folded_into_the_first_conv_gives_the_same_logits_from_raw
 
 @pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0"])
 def test_uint8_input_conv_pads_with_the_mean_pixel_and_gives_the_normalised_logits(arch):
-    """The int8 export's source graph (`src.onnx_model.pixel_model`). With a mean of whole pixel
+    """The int8 export's source graph (`src.shipping.onnx_export.pixel_model`). With a mean of whole pixel
     levels its padding is exact, so it is the same function; ImageNet's mean is rounded."""
     torch.manual_seed(0)
     model = build_model(arch, 5).eval()

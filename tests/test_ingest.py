@@ -3,6 +3,7 @@ import functools
 import hashlib
 import http.server
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -71,8 +72,16 @@ def write_tar(path, members, links=()):
 
 
 def raw_files(folder):
+    """The files ingest put into folder/data/raw, less its record of them."""
     raw = Path(folder) / "data/raw"
-    return {p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file()}
+    return {p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file()} - {
+        ".ingest.json", "DO_NOT_ADD_FILES_HERE.txt"}
+
+
+def left_out(folder):
+    """{path in the source: reason} of what ingest skipped, from its record."""
+    record = json.loads((Path(folder) / "data/raw/.ingest.json").read_text())
+    return {s["path"]: s["reason"] for s in record["skipped"]}
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
@@ -115,7 +124,7 @@ def test_dvc_keeps_one_copy_of_the_photos_beside_the_originals(tmp_path):
     source = write_image_folder(tmp_path / "photos", per_class=4)
     project = make_project(tmp_path / "project", {"data.source": str(source)})
     run(["dvc", "repro", "ingest"], project)
-    raw = sorted(p for p in (project / "data/raw").rglob("*") if p.is_file())
+    raw = sorted(p for p in (project / "data/raw").rglob("*") if p.is_file() and p.parent != project / "data/raw")
     cached = {p.stat().st_ino: p for p in (project / ".dvc/cache/files/md5").rglob("*") if p.is_file()}
     assert len(raw) == 12
     for copy in raw:

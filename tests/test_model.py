@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from src.common import UserError
+from src.core.errors import UserError
 from src.networks.resnet import FAMILY
 from src.networks.factory import build_model
 from src.networks.transfer import head_module_name

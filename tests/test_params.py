@@ -4,12 +4,26 @@ import pytest
 import yaml
 
 from conftest import REPO, python, run, set_params
-from src.common import UserError, first_line
-from src.params import validate
+from src.core.errors import UserError, first_line
+from src.core.params import load_params, validate
 
 BAD = [
     ("train.optimizer", "adagrad", "train.optimizer='adagrad' is not allowed; use adam | adamw | sgd"),
-    ("train.lr", 0, "train.lr=0 is not allowed; use a number in (0, inf]"),
+    ("train.lr", 0, "train.lr=0 is not allowed; use a finite number > 0"),
+    ("train.lr", float("inf"), "train.lr=inf is not allowed; use a finite number > 0"),
+    ("train.lr", float("nan"), "train.lr=nan is not allowed"),
+    ("train.weight_decay", float("inf"), "train.weight_decay=inf is not allowed; use a finite number >= 0"),
+    ("train.mixup", float("inf"), "train.mixup=inf is not allowed"),
+    ("train.time_budget", float("inf"), "train.time_budget=inf is not allowed; use a number in [0, 525600]"),
+    ("seed", 2**63, "seed=9223372036854775808 is not allowed; use an integer >= 0 and <= 4294967295"),
+    ("seed", -1, "seed=-1 is not allowed"),
+    ("data.image_size", 100000, "data.image_size=100000 is not allowed; use an integer >= 1 and <= 4096"),
+    ("train.workers", 10**6, "train.workers=1000000 is not allowed; use auto or an integer >= 0 and <= 1024"),
+    ("evaluate.batch_size", 10**7, "evaluate.batch_size=10000000 is not allowed"),
+    ("evaluate.calibration_bins", 10**6, "evaluate.calibration_bins=1000000 is not allowed"),
+    ("train.epochs", 10**9, "train.epochs=1000000000 is not allowed"),
+    ("data.sha256", "abc", "data.sha256='abc' is not allowed; use null or the 64 hex characters"),
+    ("data.sha256", "g" * 64, "is not allowed; use null or the 64 hex characters"),
     ("train.lr", -0.1, "train.lr=-0.1 is not allowed"),
     ("train.batch_size", 0, "train.batch_size=0 is not allowed; use an integer >= 1"),
     ("data.image_size", 0, "data.image_size=0 is not allowed; use an integer >= 1"),
@@ -52,6 +66,28 @@ def test_bad_param_fails_before_data_loads(project, dotted, value, expected):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: params.yaml: ") and expected in lines[0], lines[0]
     assert not (project / "models").exists()
+
+
+def test_yaml_inf_is_refused_when_params_yaml_is_read(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace("  lr: 0.002", "  lr: .inf")
+    assert "lr: .inf" in text
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(UserError, match=r"train.lr=inf is not allowed; use a finite number > 0"):
+        load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("url", ["https://bob:hunter2@example.com/photos.zip",
+                                 "https://example.com/photos.zip?X-Amz-Signature=hunter2&X-Amz-Expires=60"])
+def test_url_with_credentials_is_refused_without_printing_them(url):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["source"] = url
+    with pytest.raises(UserError) as e:
+        validate(params)
+    message = str(e.value)
+    assert message.startswith("params.yaml: data.source='https://example.com/photos.zip") and "\n" not in message
+    assert "hunter2" not in message and "bob" not in message and "~/.netrc" in message
+    params["data"]["source"] = "https://example.com/photos.zip"
+    validate(params)  # the same URL, clean, is fine
 
 
 def test_unknown_top_level_key_through_dvc(project):

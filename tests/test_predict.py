@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import env, make_project, python, run
+from conftest import env, make_project, python, run, set_params
 from src.networks.checkpoint import save_checkpoint
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from src.networks.checkpoint import load_trained_model
@@ -140,7 +140,7 @@ def test_compiled_model_gives_the_same_rows_and_a_missing_compiler_only_warns(se
 @pytest.fixture(scope="module")
 def exported(setup):
     """The setup's checkpoint exported beside itself (model.onnx, model.int8.onnx), as the stage does."""
-    from src.onnx_model import export_onnx, quantize_int8, set_metadata
+    from src.shipping.onnx_export import export_onnx, quantize_int8, set_metadata
     project, model_path, images = setup
     model, ckpt = load_trained_model(model_path)
     export_onnx(model, ckpt, model_path, model_path.with_suffix(".onnx"))
@@ -175,8 +175,29 @@ def test_onnx_backends_give_the_torch_rows_and_keep_error_rows(exported):
     assert "(int8)" in predict(project, *common, "--backend", "auto").stderr
 
 
+def test_onnx_backends_never_import_torch_and_give_an_image_over_data_max_pixels_an_error_row(exported):
+    project, model, images = exported
+    big = images.parent / "big.png"
+    Image.new("RGB", (60, 60), (250, 20, 20)).save(big)
+    files = [images / "img_1.jpg", big]  # 40 x 31 px, resized to 47 x 37 for the model; 60 x 60 px
+    # A budget between the two; decoded by threads (processes would be torch's DataLoader).
+    set_params(project, {"data.max_pixels": 2000, "predict.workers": 0})
+    try:
+        for backend in ("onnx", "int8"):
+            result = run([python(), "-X", "importtime", "-m", "src.predict", *map(str, files), "--model", str(model),
+                          "--backend", backend], project, check=False)
+            imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                        if line.startswith("import time:")}
+            assert "numpy" in imported and not {m for m in imported if m.split(".")[0] in ("torch", "torchvision")}
+            rows = list(csv.DictReader(io.StringIO(result.stdout)))
+            assert result.returncode == 1 and [r["error"] == "" for r in rows] == [True, False], result.stderr
+            assert "over the budget" in rows[1]["error"] and "data.max_pixels" in rows[1]["error"]
+    finally:
+        set_params(project, {"data.max_pixels": 120_000_000, "predict.workers": 1})
+
+
 def test_auto_backend_runs_torch_when_int8_agreed_too_little(exported, tmp_path):
-    from src.onnx_model import set_metadata
+    from src.shipping.onnx_export import set_metadata
     project, model, images = exported
     for suffix in (".pt", ".onnx", ".int8.onnx"):
         (tmp_path / f"model{suffix}").write_bytes(model.with_suffix(suffix).read_bytes())
@@ -201,7 +222,8 @@ def test_int8_model_reads_the_pixels_straight_into_its_first_conv(exported, tmp_
     a plain conv's alone keeps the fp32 normalisation in the graph and still classifies."""
     import onnx
     import torch.nn as nn
-    from src.onnx_model import OnnxClassifier, export_onnx, quantize_int8
+    from src.shipping.onnx_runtime import OnnxClassifier
+    from src.shipping.onnx_export import export_onnx, quantize_int8
     _, model_path, _ = exported
     ops = lambda path: {node.op_type for node in onnx.load(str(path)).graph.node}  # noqa: E731
     assert {"Cast", "Sub", "Mul"} <= ops(model_path.with_suffix(".onnx"))
@@ -245,17 +267,20 @@ def test_image_model_gives_error_rows_for_bad_inputs_and_the_onnx_classes_for_go
     import base64
 
     import pandas as pd
-    from src.onnx_model import OnnxClassifier
-    from src.serving import ImageClassifier
+    from src.shipping.onnx_runtime import OnnxClassifier
+    from src.shipping.serving import FILES, ImageClassifier
     project, model_path, images = exported
-    classifier = ImageClassifier()
-    classifier.model = OnnxClassifier(model_path.with_suffix(".onnx"))
-    good = sorted(images.rglob("img_*"))[:3]
+    good = sorted(images.rglob("img_*"))[:4]
     inputs = [base64.b64encode(good[0].read_bytes()).decode(), str(good[1]), "####", "",
-              base64.b64encode(b"GIF89a but broken").decode(), base64.b64encode(good[2].read_bytes()).decode()]
-    out = classifier.predict(None, pd.DataFrame({"image": inputs}))
-    assert list(out["error"] != "") == [False, False, True, True, True, False]
-    for i, path in ((0, good[0]), (1, good[1]), (5, good[2])):
-        assert out["class"][i] == CLASSES[reference(model_path, path).argmax()]
-        assert out["top_k_classes"][i][0] == out["class"][i] and len(out["top_k_classes"][i]) == 3
-    assert (out["class"][2:5] == "").all() and "base64" in out["error"][2]
+              base64.b64encode(b"GIF89a but broken").decode(), base64.b64encode(good[2].read_bytes()).decode(),
+              good[3].read_bytes()]  # raw bytes, as a caller in Python may pass them
+    for environ in ({FILES: str(images)}, {}):  # file paths allowed under `images`, or none at all
+        classifier = ImageClassifier(environ)
+        classifier.model = OnnxClassifier(model_path.with_suffix(".onnx"))
+        out = classifier.predict(None, pd.DataFrame({"image": inputs}))
+        assert list(out["error"] != "") == [False, not environ, True, True, True, False, False]
+        for i, path in ((0, good[0]), (1, good[1]), (5, good[2]), (6, good[3])):
+            if out["error"][i] == "":
+                assert out["class"][i] == CLASSES[reference(model_path, path).argmax()]
+                assert out["top_k_classes"][i][0] == out["class"][i] and len(out["top_k_classes"][i]) == 3
+        assert (out["class"][2:5] == "").all() and "base64" in out["error"][2]

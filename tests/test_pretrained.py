@@ -11,10 +11,10 @@ import torchvision
 
 from conftest import REPO, env
 from src.networks.checkpoint import save_checkpoint
-from src.common import UserError
+from src.core.errors import UserError
 from src.networks.pretrained import normalization
 from src.networks.transfer import create_model, set_transfer_phase
-from src.params import load_params
+from src.core.params import load_params
 from src.training.trainer import make_optimizer
 from test_model import randomize_bn
 
@@ -114,8 +114,8 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
 
 
 def test_imagenet_offline_with_empty_cache_fails_fast_with_one_line(tmp_path):
-    code = ("from src.common import run_stage; from src.networks.transfer import create_model; "
-            "from src.params import load_params; p = load_params(); p['model']['pretrained'] = 'imagenet'; "
+    code = ("from src.core.process import run_stage; from src.networks.transfer import create_model; "
+            "from src.core.params import load_params; p = load_params(); p['model']['pretrained'] = 'imagenet'; "
             "p['model']['transfer'] = 'finetune'; run_stage(lambda: create_model(p, 10))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env=dict(env(), TORCH_HOME=str(tmp_path), **OFFLINE))

@@ -15,7 +15,8 @@ from conftest import REPO, colour_folder, make_project, python, run, set_params
 from src.networks.checkpoint import load_checkpoint
 from src.data.transforms import POLICIES, train_transform
 from src.core.device import Normalizer, RunSettings
-from src.inference.classify import ImageFiles, classify_files, forward, prepare_for_inference
+from src.data.loaders import ImageFiles
+from src.inference.classify import classify_files, forward, prepare_for_inference
 from src.networks.resnet import resnet18
 from src.split import class_imbalance
 from src.training.ema import WeightEma

@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, colour_folder, env, make_project, run
 from src.networks.checkpoint import load_checkpoint, save_checkpoint
-from src.params import load_params
+from src.core.params import load_params
 from src.training.resume import fingerprint, load_resume
 
 HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: RESNET_TL_TEST_KILL_AT=EPOCH:BATCH kills training there

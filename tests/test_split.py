@@ -100,6 +100,19 @@ def test_identical_contents_never_straddle_splits(tmp_path):
     assert len(data["duplicates"]) == 7
 
 
+def test_an_image_over_data_max_pixels_is_skipped_and_named_and_the_cache_knows_the_budget(tmp_path):
+    source = make_classes(tmp_path / "photos", {"a": 10, "b": 10})
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(source / "a" / "big.png")  # 1,200 px; the others 144
+    assert ingest_and_split(tmp_path / "p", source, **{"data.max_pixels": 1000}).returncode == 0
+    (skipped,) = report(tmp_path / "p")["skipped"]
+    assert skipped["path"] == "data/raw/a/big.png"
+    assert "40 x 30 px" in skipped["reason"] and "data.max_pixels" in skipped["reason"]
+    assert "data/raw/a/big.png" not in split_of(tmp_path / "p")
+    again = stage(tmp_path / "p", "split", {"data.max_pixels": 2000})  # the cached check was for 1000
+    assert again.returncode == 0 and report(tmp_path / "p")["skipped"] == []
+    assert "data/raw/a/big.png" in split_of(tmp_path / "p")
+
+
 def test_too_few_images_or_one_class_is_a_clear_error(tmp_path):
     source = make_classes(tmp_path / "photos", {"plenty": 10, "tiny": 2, "lonely": 1})
     one_line_error(ingest_and_split(tmp_path / "p", source), "'tiny' (2)", "'lonely' (1)", "needs 3")
@@ -157,6 +170,8 @@ def test_bad_files_are_reported_and_every_good_one_trained_on(tmp_path):
     run(["dvc", "repro", "train"], project)
 
     skipped = {s["path"].removeprefix("data/raw/"): s["reason"] for s in report(project)["skipped"]}
+    # hidden files never reach data/raw: ingest leaves them out, and the report names them
+    skipped.update({s["path"]: s["reason"] for s in report(project)["not_ingested"]})
     assert set(skipped) == set(bad)
     for path, words in bad.items():
         assert words in skipped[path], (path, skipped[path])
@@ -195,7 +210,7 @@ def test_hymenoptera_keeps_its_split(tmp_path):
 
 def test_checkpoint_with_other_classes_is_refused(tmp_path):
     from src.data.manifest import check_same_classes
-    from src.common import UserError
+    from src.core.errors import UserError
 
     index = tmp_path / "class_indices.json"
     index.write_text(json.dumps({"0": "café crème", "1": "mouettes rieuses"}), encoding="utf-8")

@@ -70,7 +70,7 @@ def test_every_stage_depends_on_exactly_the_modules_it_imports():
 
 
 def test_a_module_missing_from_a_stage_or_listed_in_vain_is_caught():
-    for stage, dep, extra in (("evaluate", "src/networks/checkpoint.py", None), ("train", "src/tracking.py", None),
+    for stage, dep, extra in (("ingest", "src/data/archives.py", None), ("classes", "src/data/manifest.py", None),
                               ("ingest", None, "src/train.py")):
         broken = copy.deepcopy(dvc_yaml())
         deps = broken["stages"][stage]["deps"]
@@ -79,6 +79,14 @@ def test_a_module_missing_from_a_stage_or_listed_in_vain_is_caught():
         if extra:
             deps.append(extra)
         assert code_deps_mismatch(broken) == {stage: ([dep] if dep else [], [extra] if extra else [])}
+
+
+def test_a_folder_dep_stands_for_every_module_in_it():
+    broken = copy.deepcopy(dvc_yaml())
+    broken["stages"]["classes"]["deps"].append("src/training/")  # classes runs none of it
+    missing, in_vain = code_deps_mismatch(broken)["classes"]
+    assert missing == [] and "src/training/trainer.py" in in_vain
+    assert any(dep.endswith("/") for dep in dvc_yaml()["stages"]["train"]["deps"])  # and dvc.yaml uses it
 
 
 def test_imports_inside_functions_count():

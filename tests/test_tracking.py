@@ -1,4 +1,4 @@
-"""src/tracking.py against a real SQLite MLflow store: what one training run records, the model
+"""src/core/tracking.py against a real SQLite MLflow store: what one training run records, the model
 logged to MLflow predicting like its checkpoint, concurrent store creation, an unreachable server."""
 import csv
 import subprocess
@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from conftest import REPO, env, free_port, write_image_folder
-from src import tracking
+from src.core import tracking
 from src.networks.checkpoint import save_checkpoint
-from src.common import UserError
+from src.core.errors import UserError
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from src.networks.checkpoint import load_trained_model
 from src.networks.factory import build_model
-from src.params import flatten, load_params
+from src.core.params import flatten, load_params
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import torch
 
 from conftest import python, run, set_params, tutorial_logits
 from src.data.manifest import read_manifest
-from src.common import UserError
+from src.core.errors import UserError
 from src.core.device import cpu_has_bf16, pick_precision, use_channels_last
 from src.networks.checkpoint import load_trained_model
 from src.networks.resnet import resnet18

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from src.common import UserError
+from src.core.errors import UserError
 from src.core.process import native_bf16_override
 
 

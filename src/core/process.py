@@ -3,6 +3,7 @@
 - `before_torch()` (called by src/__init__.py, so before any stage or benchmark imports torch):
   OpenMP's idle threads spin less, so they don't take a core from threads that decode images
   between two batches. libgomp reads the setting once, when torch loads it.
+- `run_stage(main)`: runs a stage; a UserError becomes one line and exit code 2.
 - `start()` (the first call of every stage's and benchmark's main): freed memory is kept for
   reuse, and the environment switches below are checked, so a misspelt value fails at once.
 
@@ -20,7 +21,8 @@ import os
 import platform
 import sys
 
-from src.common import UserError
+from src.core.errors import UserError
+from src.core.files import remove_stale_scratch
 
 NATIVE_BF16 = "RESNET_TL_NATIVE_BF16"
 INFERENCE_REWRITES = "RESNET_TL_INFERENCE_REWRITES"
@@ -65,6 +67,25 @@ def cpu_count():
         return os.cpu_count() or 1
 
 
+def decoding_workers(choice, images, batch_size, *, training=False, cached=False, on_cpu=True,
+                     processes_per_machine=1):
+    """How many processes decode images beside the model: `choice`, unless it is auto. The one
+    rule for training's loader and for evaluation, prediction and serving:
+    - training from images cached in memory on a CPU: none (the model's threads use every core,
+      a worker would only steal one); on a GPU, which leaves the CPU idle, they augment;
+    - inference: none for a single batch (starting one costs more than it saves) and none on
+      2 CPUs, where a process would steal a core from the model's threads and copy every batch
+      (threads decode between batches instead);
+    - else the cores left after the model's process(es), at most 16 each (a fast GPU trains
+      resnet50 at 224 px faster than 8 processes augment)."""
+    if choice != "auto":
+        return choice
+    spare = min(16, max(1, cpu_count() // processes_per_machine - 1))
+    if training:
+        return 0 if cached and on_cpu else spare
+    return spare if images > batch_size and cpu_count() > 2 else 0
+
+
 def keep_freed_memory():
     """Let this process reuse the memory it frees instead of handing it back to the kernel.
 
@@ -78,3 +99,13 @@ def keep_freed_memory():
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     libc = ctypes.CDLL(None)
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+def run_stage(main):
+    """Run a stage's main(); a UserError becomes `error: ...` on stderr and exit code 2."""
+    try:
+        remove_stale_scratch()
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

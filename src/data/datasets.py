@@ -3,7 +3,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from torch.utils.data import Dataset
 
-from src.images import open_rgb
+from src.data.images import open_rgb
 from src.core.process import cpu_count
 
 

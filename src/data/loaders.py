@@ -1,13 +1,14 @@
-"""DataLoaders and the one rule for how many processes decode images."""
-from torch.utils.data import DataLoader
+"""Batches for torch: the training loader, and the image files that evaluation reads (uint8
+crops as the eval transform makes them, decoded by threads or DataLoader processes as
+`src.core.process.decoding_workers` rules)."""
+from pathlib import Path
 
-from src.core.process import cpu_count
+import torch
+from torch.utils.data import DataLoader, Dataset
 
-
-def default_workers(processes_per_machine=1):
-    """Decoding processes: the cores left after the training process(es), at most 16 each
-    (a fast GPU trains resnet50 at 224 px faster than 8 processes augment)."""
-    return min(16, max(1, cpu_count() // processes_per_machine - 1))
+from src.core.process import cpu_count, decoding_workers
+from src.data.image_files import EvalPixels, batch_bounds, pixel_batches, progress
+from src.data.images import PILLOW_BUDGET
 
 
 def make_loader(dataset, batch_size, shuffle=False, workers=0, pin_memory=False, sampler=None, generator=None,
@@ -21,10 +22,39 @@ def make_loader(dataset, batch_size, shuffle=False, workers=0, pin_memory=False,
     )
 
 
-def loader_workers(choice, cached, device, processes_per_machine=1):
-    """Decoding/augmenting processes. With cached images and a CPU model, none: the model's
-    threads use every core, and a worker would only steal one. A GPU leaves the CPU idle, so
-    workers augment there even from the cache (one process can't augment as fast as a GPU trains)."""
-    if choice != "auto":
-        return choice
-    return 0 if cached and device.type == "cpu" else default_workers(processes_per_machine)
+class ImageFiles(EvalPixels, Dataset):
+    """(uint8 CHW image tensor, "") per file, resized and center-cropped as eval_transform does, or
+    (blank image, reason) for a file that can't be read, so one bad file never stops a loader
+    (`src.data.image_files.EvalPixels`, as a torch Dataset).
+
+    Normalisation happens later, once per batch (on a CPU, in the model's first conv): uint8
+    crosses from the workers at a quarter of float32's size, and one vectorised op beats a
+    Normalize per image.
+    """
+
+    def __init__(self, paths, image_size, budget=PILLOW_BUDGET, keep=False):
+        super().__init__([Path(p) for p in paths], image_size, budget, keep)
+        self.paths = self.sources
+
+    def __getitem__(self, i):
+        pixels, error = self.pixels(i)
+        return torch.from_numpy(pixels).permute(2, 0, 1), error
+
+
+def decoded_batches(files, batch_size, threads):
+    """(uint8 N x C x H x W images, errors) per batch, decoded by threads (`src.data.image_files.pixel_batches`);
+    permuted from N x H x W x C with no copy, the memory layout channels_last wants."""
+    for batch, errors in pixel_batches(files, batch_size, threads):
+        yield torch.from_numpy(batch).permute(0, 3, 1, 2), errors
+
+
+def image_batches(files, batch_size, workers="auto", device=torch.device("cpu"), desc="classify"):
+    """(uint8 N x C x H x W images, errors) per batch of an ImageFiles, decoded by threads or
+    worker processes (`src.core.process.decoding_workers`), with a progress bar on a terminal."""
+    workers = decoding_workers(workers, len(files), batch_size)
+    if workers == 0:
+        batches = decoded_batches(files, batch_size, cpu_count())
+    else:
+        batches = DataLoader(files, batch_sampler=[range(a, b) for a, b in batch_bounds(len(files), batch_size)],
+                             num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4)
+    return progress(batches, files, batch_size, desc)

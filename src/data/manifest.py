@@ -1,8 +1,9 @@
 """Reading data/manifest.csv (split's output) and data/class_indices.json (classes' output)."""
 import csv
 
-from src.common import UserError, read_json
-from src.paths import CLASS_INDEX, MANIFEST
+from src.core.errors import UserError
+from src.core.files import read_json
+from src.core.paths import CLASS_INDEX, MANIFEST
 
 
 def rows_for(rows, split, class_names):

@@ -19,11 +19,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def resize_size(image_size):
-    """Eval-time resize before the center crop: 256 for 224, as ImageNet training used."""
-    return int(round(image_size * 256 / 224))
-
-
 def to_uint8_tensor(img):
     """PIL RGB image -> uint8 CHW tensor (PILToTensor, without its per-call overhead)."""
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
@@ -101,13 +96,6 @@ def eval_crop(image_size, to_tensor=True):
         transforms.CenterCrop(image_size),
         *([to_uint8_tensor] if to_tensor else []),
     ])
-
-
-def center_crop(pixels, size):
-    """CenterCrop (torchvision's rounding) of an H x W x 3 uint8 array: a view, no copy."""
-    height, width = pixels.shape[:2]
-    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-    return pixels[top:top + size, left:left + size]
 
 
 def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -5,7 +5,7 @@ Used by evaluate (metrics/misclassified.png) and `python -m src.predict ... --ex
 import numpy as np
 import torch
 
-from src.common import UserError
+from src.core.errors import UserError
 from src.core.device import Normalizer
 
 BATCH = 16

@@ -9,8 +9,8 @@ import textwrap
 import numpy as np
 from PIL import Image
 
-from src.common import atomic_path
-from src.images import open_rgb
+from src.core.files import atomic_path
+from src.data.images import open_rgb
 
 THUMBNAIL = 256  # pixels: enough to see the picture, small enough for a grid of many
 

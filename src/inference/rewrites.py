@@ -107,7 +107,7 @@ class MeanPaddedPixelConv(nn.Module):
     normalised image is the mean pixel of the raw one, so the pixels are padded with it (rounded to
     an integer: within half a level, at the border only) and the conv pads nothing. Quantised, the
     uint8 pixels are then their own int8 activations (scale 1, zero point 0): nothing is normalised,
-    cast or rounded before the first conv (`src.onnx_model.quantize_int8`).
+    cast or rounded before the first conv (`src.shipping.onnx_export.quantize_int8`).
     """
 
     def __init__(self, conv, mean, std):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from src.common import UserError, atomic_path, first_line
+from src.core.errors import UserError, first_line
+from src.core.files import atomic_path
 from src.networks.factory import build_model
 
 FORMAT = "resnet-tl/1"

@@ -4,7 +4,7 @@ import difflib
 
 import torchvision
 
-from src.common import UserError
+from src.core.errors import UserError
 from src.networks.resnet import FAMILY
 
 

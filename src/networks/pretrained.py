@@ -11,10 +11,10 @@ import torch.nn as nn
 import torchvision
 
 from src.networks.checkpoint import FORMAT, load_checkpoint, model_state
-from src.common import UserError, first_line
+from src.core.errors import UserError, first_line
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from src.networks.factory import torchvision_archs
-from src.paths import from_workspace
+from src.core.paths import from_workspace
 
 
 # Seconds any one network operation of a weights download may take. Offline this makes

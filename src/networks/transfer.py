@@ -4,7 +4,7 @@ then train everything (finetune), the head only (freeze), or the head first and 
 (head_first)."""
 import torch.nn as nn
 
-from src.common import UserError
+from src.core.errors import UserError
 from src.networks.factory import build_model
 from src.networks.pretrained import load_pretrained, pretrained_path, read_weights
 

@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as torch_dist
 
-from src.common import UserError
+from src.core.errors import UserError
 from src.core.process import cpu_count
 from src.training.resume import rng_state
 

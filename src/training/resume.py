@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from src.networks.checkpoint import describe, save_checkpoint, weights
-from src.common import first_line
-from src.paths import CLASS_INDEX, DATA_REPORT, MANIFEST, MODEL, RESUME
+from src.core.errors import first_line
+from src.core.paths import CLASS_INDEX, DATA_REPORT, MANIFEST, MODEL, RESUME
 
 
 def fingerprint(params, data_files, world_size):
@@ -102,14 +102,12 @@ class Progress:
         return f"; resuming after epoch {self.resumed['epoch']} from {self.resume_path}" if self.resumed else ""
 
     def begin(self, run_id):
-        """Rank 0, once the MLflow run `run_id` is open: clear a killed write's leftovers and, when
-        resuming, put back the best weights (DVC deleted the stage's outputs before this rerun)."""
+        """Rank 0, once the MLflow run `run_id` is open: when resuming, put back the best weights
+        (DVC deleted the stage's outputs before this rerun). A killed write's leftovers are already
+        gone: run_stage clears them at the start."""
         if not self.dist.is_main:
             return
         self.run_id = run_id
-        for path in (self.model_path, self.resume_path):
-            for stale in path.parent.glob(f".{path.name}.*.tmp"):
-                stale.unlink()
         if self.resumed:
             self.save_model(self.best_weights or self.previous_weights, self.best["epoch"], self.best["val_acc"])
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from src.common import UserError
+from src.core.errors import UserError
 from src.training.ema import WeightEma
 from src.training.schedule import make_scheduler
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import mlflow
 
-from src.common import UserError
-from src.params import flatten
-from src.paths import MANIFEST, workspace_root
+from src.core.errors import UserError
+from src.core.params import flatten
+from src.core.paths import MANIFEST, workspace_root
 
 HEALTH_TIMEOUT = 5  # seconds: an unreachable server should stop the stage at once, not after training
 

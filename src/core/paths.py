@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 RAW = Path("data/raw")                          # ingest: one folder per class
+INGEST_RECORD = RAW / ".ingest.json"            # ingest: the files it wrote (and sizes), what it left out
+RAW_NOTE = RAW / "DO_NOT_ADD_FILES_HERE.txt"    # ingest: says where photos go, to whoever opens data/raw
 MANIFEST = Path("data/manifest.csv")            # split: path, label, split, sha256
 DATA_REPORT = Path("metrics/data_report.json")  # split: counts, skipped files, duplicates
 CLASS_INDEX = Path("data/class_indices.json")   # classes: index -> class name

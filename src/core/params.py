@@ -3,12 +3,14 @@
 The schema below mirrors params.yaml key for key. A misspelt key, a missing one or an
 out-of-range value stops the stage at once with one line naming the key and what is allowed.
 """
+import math
 import re
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from src.common import UserError, first_line
+from src.core.errors import UserError, first_line
 
 
 def choice(*options):
@@ -25,12 +27,16 @@ def integer(lo, hi=None):
     return check
 
 
-def number(lo, hi, lo_open=False, hi_open=False):
+def number(lo, hi=None, lo_open=False, hi_open=False):
+    """A finite number in the range; hi=None: no upper bound (.inf and .nan never pass)."""
     def check(v):
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             return False
-        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    check.allowed = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        return (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    if hi is None:
+        check.allowed = f"a finite number {'>' if lo_open else '>='} {lo}"
+    else:
+        check.allowed = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
     return check
 
 
@@ -51,84 +57,119 @@ def optional_text(v):
 optional_text.allowed = "null or a non-empty string"
 
 
+def sha256(v):
+    return v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None)
+sha256.allowed = "null or the 64 hex characters `sha256sum` prints"
+
+
+def url_secrets(v):
+    """Whether `v` is an http(s) URL carrying user:password@ or a query string (a token, a signature)."""
+    if not isinstance(v, str) or not v.startswith(("http://", "https://")):
+        return False
+    parts = urlsplit(v)
+    return bool(parts.username or parts.password or parts.query)
+
+
+def redact_url(v):
+    """`v` without user:password@, query and fragment: what may be printed or logged."""
+    if not isinstance(v, str) or not v.startswith(("http://", "https://")):
+        return v
+    parts = urlsplit(v)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", "")) + ("?..." if parts.query else "")
+
+
+def data_source(v):
+    return text(v) and not url_secrets(v)
+data_source.allowed = ("sample, a folder, an archive, or an http(s) URL without user:password@ or ?query, "
+                       "which dvc.lock and MLflow would record (credentials go in ~/.netrc; a signed URL: "
+                       "download the file and point data.source at it)")
+data_source.shown = redact_url
+
+
 def crop_range(v):
     return (isinstance(v, list) and len(v) == 2 and all(number(0, 1, lo_open=True)(x) for x in v)
             and v[0] <= v[1])
 crop_range.allowed = "[min, max] with 0 < min <= max <= 1"
 
 
-INF = float("inf")
+# Upper bounds that only a typo reaches (image_size 100000, workers 10**6): generous on purpose.
+MAX_EPOCHS = 100_000
+MAX_BATCH = 65_536
+MAX_WORKERS = 1024
+PILLOW_MAX_PIXELS = 178_956_970  # Pillow refuses bigger images whatever we allow (2 x Image.MAX_IMAGE_PIXELS)
 SCHEMA = {
     "arch": text,  # checked against the model registry when the model is built
-    "seed": integer(0),
+    "seed": integer(0, 2**32 - 1),  # numpy's seed range; torch takes up to 2**64 - 1 (seed + rank, + epoch)
     "data": {
-        "source": text,
-        "sha256": optional_text,
+        "source": data_source,
+        "sha256": sha256,
         "val": number(0, 1, hi_open=True),
         "test": number(0, 1, hi_open=True),
-        "image_size": integer(1),
+        "image_size": integer(1, 4096),
+        "max_pixels": integer(1, PILLOW_MAX_PIXELS),
     },
     "model": {
         "pretrained": text,
         "transfer": choice("finetune", "freeze", "head_first"),
-        "head_epochs": integer(0),
+        "head_epochs": integer(0, MAX_EPOCHS),
         "freeze_bn": choice(True, False),
     },
     "train": {
-        "epochs": integer(1),
-        "batch_size": integer(1),
+        "epochs": integer(1, MAX_EPOCHS),
+        "batch_size": integer(1, MAX_BATCH),
         "optimizer": choice("adam", "adamw", "sgd"),
-        "lr": number(0, INF, lo_open=True),
+        "lr": number(0, lo_open=True),
         "momentum": number(0, 1, hi_open=True),
         "nesterov": choice(True, False),
-        "weight_decay": number(0, INF),
+        "weight_decay": number(0),
         "decay_bn_and_bias": choice(True, False),
         "scheduler": choice("cosine", "step", "none"),
-        "warmup_epochs": integer(0),
-        "step_size": integer(1),
+        "warmup_epochs": integer(0, MAX_EPOCHS),
+        "step_size": integer(1, MAX_EPOCHS),
         "gamma": number(0, 1, lo_open=True),
         "label_smoothing": number(0, 1, hi_open=True),
-        "grad_clip": number(0, INF),
-        "patience": integer(0),
+        "grad_clip": number(0),
+        "patience": integer(0, MAX_EPOCHS),
         "crop_scale": crop_range,
         "hflip": number(0, 1),
         "augment": choice("none", "trivialaugment", "randaugment", "augmix"),
         "random_erasing": number(0, 1),
-        "mixup": number(0, INF),
-        "cutmix": number(0, INF),
+        "mixup": number(0),
+        "cutmix": number(0),
         "ema_decay": number(0, 1, hi_open=True),
         "class_balance": choice("none", "loss", "sampler"),
-        "time_budget": number(0, INF),
-        "start_image_size": integer(0),
+        "time_budget": number(0, 60 * 24 * 365),  # minutes: a year
+        "start_image_size": integer(0, 4096),
         "device": choice("auto", "cuda", "mps", "cpu"),
         "precision": choice("auto", "fp32", "bf16", "fp16"),
         "channels_last": choice("auto", True, False),
         "compile": choice(True, False),
         "deterministic": choice(True, False),
-        "workers": either(choice("auto"), integer(0)),
+        "workers": either(choice("auto"), integer(0, MAX_WORKERS)),
         "cache_images": choice("auto", True, False),
     },
     "evaluate": {
         "device": choice("auto", "cuda", "mps", "cpu"),
-        "batch_size": integer(1),
+        "batch_size": integer(1, MAX_BATCH),
         "precision": choice("auto", "fp32", "bf16"),
-        "workers": either(choice("auto"), integer(0)),
+        "workers": either(choice("auto"), integer(0, MAX_WORKERS)),
         "tta": choice(True, False),
-        "calibration_bins": integer(1),
-        "misclassified_images": integer(0),
+        "calibration_bins": integer(1, 10_000),
+        "misclassified_images": integer(0, 1_000),  # one figure
     },
     "predict": {
         "input": text,
         "device": choice("auto", "cuda", "mps", "cpu"),
-        "top_k": integer(1),
-        "batch_size": integer(1),
+        "top_k": integer(1, 100_000),
+        "batch_size": integer(1, MAX_BATCH),
         "precision": choice("auto", "fp32", "bf16"),
-        "workers": either(choice("auto"), integer(0)),
+        "workers": either(choice("auto"), integer(0, MAX_WORKERS)),
         "compile": choice("auto", True, False),
         "backend": choice("auto", "torch", "onnx", "int8"),
     },
     "export": {
-        "calibration_images": integer(1),
+        "calibration_images": integer(1, 1_000_000),
     },
     "mlflow": {
         "experiment": text,
@@ -151,7 +192,8 @@ def validate(params, schema=SCHEMA, prefix=""):
         if isinstance(check, dict):
             validate(value, check, name + ".")
         elif not check(value):
-            raise UserError(f"params.yaml: {name}={value!r} is not allowed; use {check.allowed}")
+            shown = getattr(check, "shown", lambda v: v)(value)  # never a password in a message
+            raise UserError(f"params.yaml: {name}={shown!r} is not allowed; use {check.allowed}")
     if prefix == "" and params["data"]["val"] + params["data"]["test"] >= 1:
         raise UserError("params.yaml: data.val + data.test must be below 1 to leave images for training")
     if prefix == "" and params["train"]["start_image_size"] > params["data"]["image_size"]:

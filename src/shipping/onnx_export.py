@@ -2,9 +2,10 @@
 
 Input `image`: uint8 RGB, N x H x W x 3 (NHWC, as PIL, numpy and OpenCV hold pictures), already
 resized (shorter side to 256/224 of the size) and center-cropped to the model's size, as
-`src.inference.classify.ImageFiles` does. Normalisation is inside the graph; output `probabilities`
+`src.data.image_files.EvalPixels` does. Normalisation is inside the graph; output `probabilities`
 (N x classes, softmax). The metadata says all of it: class names, size, layout, mean/std, arch,
-and the sha256 of the checkpoint it was exported from (so a stale file is noticed).
+and the sha256 of the checkpoint it was exported from (so a stale file is noticed). Running it is
+`src.shipping.onnx_runtime`'s (no torch there).
 """
 import json
 import tempfile
@@ -14,18 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 from torch.fx.experimental.optimization import fuse
 
-from src.common import UserError, atomic_path, first_line
 from src.core.device import pixel_normalization
+from src.core.files import atomic_path
 from src.inference.rewrites import fold_normalization_for_uint8
-from src.images import file_digest
-from src.core.process import cpu_count
+from src.data.images import file_digest
+from src.shipping.onnx_runtime import LAYOUT
 
-LAYOUT = "NHWC"
 OPSET = 17
 
 
@@ -170,51 +169,3 @@ def casts_from_uint8(graph, cast):
     """Whether the Cast's input is a uint8 tensor (by the shapes and types recorded in the graph)."""
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info)}
     return types.get(cast.input[0]) == onnx.TensorProto.UINT8
-
-
-class OnnxClassifier:
-    """An exported model under onnxruntime on the CPU, with its metadata read back."""
-
-    def __init__(self, path, threads=None):
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path} not found: export the model first (`dvc repro export`)")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or cpu_count()
-        # Idle onnxruntime threads spin after each run, taking the cores from the threads that
-        # decode the next batch (as libgomp's do: src/core/process.py); asleep, they leave them free.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise UserError(f"{path} is not a loadable ONNX model: {first_line(e)}") from None
-        self.meta = self.session.get_modelmeta().custom_metadata_map
-        if self.meta.get("layout") != LAYOUT or "class_names" not in self.meta:
-            raise UserError(f"{path} was not exported by `src.export` (no class names or {LAYOUT} layout "
-                            f"in its metadata); export it with `dvc repro export`")
-        self.path = path
-        self.class_names = json.loads(self.meta["class_names"])
-        self.image_size = int(self.meta["image_size"])
-
-    def matches(self, checkpoint_path):
-        """Whether this file was exported from exactly that checkpoint."""
-        return self.meta.get("checkpoint_sha256") == file_digest(checkpoint_path)
-
-    def probabilities(self, images):
-        """N x classes float32 probabilities of an N x H x W x 3 uint8 batch."""
-        return self.session.run(None, {"image": np.ascontiguousarray(images, dtype=np.uint8)})[0]
-
-
-def classify_files_onnx(classifier, paths, batch_size, workers="auto", desc="predict"):
-    """Probabilities (one row per file, in order) and per-file errors ("" when fine), as
-    `src.inference.classify.classify_files` gives logits: the same decoding, resizing and cropping."""
-    from src.inference.classify import ImageFiles, image_batches
-
-    files = paths if isinstance(paths, ImageFiles) else ImageFiles(paths, classifier.image_size)
-    probs, errors = [np.empty((0, len(classifier.class_names)), np.float32)], []
-    for images, batch_errors in image_batches(files, batch_size, workers, desc=desc):
-        # The decoders fill N x H x W x C and hand it over permuted to N x C x H x W: permuted
-        # back it is the NHWC the model takes, with no copy.
-        probs.append(classifier.probabilities(images.permute(0, 2, 3, 1).numpy()))
-        errors += batch_errors
-    return np.concatenate(probs), errors
