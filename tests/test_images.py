@@ -190,8 +190,8 @@ import re, sys
 from pathlib import Path
 sys.path.insert(0, "tests")
 from test_images import zeros_png
-from src.images import PixelBudget
-from src.pixels import EvalPixels
+from src.data.images import PixelBudget
+from src.data.image_files import EvalPixels
 peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 EvalPixels([zeros_png(64, 64, 16)], 224).pixels(0)  # the decoders loaded
 data = zeros_png(6000, 5000, 16)  # 30 Mpx, built a row at a time

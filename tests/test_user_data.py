@@ -251,7 +251,7 @@ def test_a_killed_download_leaves_a_scratch_file_that_the_next_stage_start_remov
 
 KEEP_SCRATCH = """
 import sys, time
-from src.common import scratch
+from src.core.files import scratch
 with scratch(sys.argv[1], ".x.") as tmp:
     tmp.write_text("in progress")
     print(tmp, flush=True)

@@ -13,6 +13,7 @@ from torchvision import transforms
 from torchvision.transforms import v2
 
 from src.core.device import mean_pixel
+from src.data.image_files import resize_size
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
