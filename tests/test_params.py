@@ -29,7 +29,7 @@ BAD = [
     ("data.image_size", 0, "data.image_size=0 is not allowed; use an integer >= 1"),
     ("data.image_size", 32.5, "data.image_size=32.5 is not allowed; use an integer >= 1"),
     ("data.image_size", "big", "data.image_size='big' is not allowed"),
-    ("train.learning_rate", 0.1, "unknown key 'train.learning_rate'; allowed here: epochs, batch_size"),
+    ("train.learning_rate", 0.1, "unknown key 'train.learning_rate'; allowed here: epochs, time_budget"),
     ("train.precision", "fp8", "train.precision='fp8' is not allowed; use auto | fp32 | bf16 | fp16"),
     ("train.warmup_epochs", 7, "train.warmup_epochs=7 must not exceed train.epochs=6"),
     ("train.workers", -1, "train.workers=-1 is not allowed; use auto or an integer >= 0"),

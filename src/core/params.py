@@ -116,31 +116,36 @@ SCHEMA = {
         "freeze_bn": choice(True, False),
     },
     "train": {
+        # schedule
         "epochs": integer(1, MAX_EPOCHS),
+        "time_budget": number(0, 60 * 24 * 365),  # minutes: a year
         "batch_size": integer(1, MAX_BATCH),
+        "scheduler": choice("cosine", "step", "none"),
+        "warmup_epochs": integer(0, MAX_EPOCHS),
+        "step_size": integer(1, MAX_EPOCHS),
+        "gamma": number(0, 1, lo_open=True),
+        "patience": integer(0, MAX_EPOCHS),
+        "start_image_size": integer(0, 4096),
+        # optimiser
         "optimizer": choice("adam", "adamw", "sgd"),
         "lr": number(0, lo_open=True),
         "momentum": number(0, 1, hi_open=True),
         "nesterov": choice(True, False),
         "weight_decay": number(0),
         "decay_bn_and_bias": choice(True, False),
-        "scheduler": choice("cosine", "step", "none"),
-        "warmup_epochs": integer(0, MAX_EPOCHS),
-        "step_size": integer(1, MAX_EPOCHS),
-        "gamma": number(0, 1, lo_open=True),
-        "label_smoothing": number(0, 1, hi_open=True),
         "grad_clip": number(0),
-        "patience": integer(0, MAX_EPOCHS),
+        # augmentation
         "crop_scale": crop_range,
         "hflip": number(0, 1),
         "augment": choice("none", "trivialaugment", "randaugment", "augmix"),
         "random_erasing": number(0, 1),
         "mixup": number(0),
         "cutmix": number(0),
+        # regularisation
+        "label_smoothing": number(0, 1, hi_open=True),
         "ema_decay": number(0, 1, hi_open=True),
         "class_balance": choice("none", "loss", "sampler"),
-        "time_budget": number(0, 60 * 24 * 365),  # minutes: a year
-        "start_image_size": integer(0, 4096),
+        # run-time (how, not what, is trained)
         "device": choice("auto", "cuda", "mps", "cpu"),
         "precision": choice("auto", "fp32", "bf16", "fp16"),
         "channels_last": choice("auto", True, False),
