@@ -26,13 +26,13 @@ import torch.nn as nn
 from PIL import Image
 
 from src.core import process
-from src.data.loaders import make_loader
-from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from src.core.device import Normalizer, RunSettings, configure, pick_precision
-from src.data.images import is_image_name
-from src.networks.factory import build_model
 from src.core.params import load_params
 from src.core.paths import MANIFEST
+from src.data.images import is_image_name
+from src.data.loaders import make_loader
+from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from src.networks.factory import build_model
 from src.train import load_data
 from src.training.schedule import EpochPlan, make_scheduler
 from src.training.trainer import Trainer, make_optimizer, train_one_epoch

@@ -34,15 +34,14 @@ from PIL import Image
 
 from src import predict
 from src.core import process
-from src.networks.checkpoint import save_checkpoint
-from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_crop, eval_transform
-from src.data.images import image_problem
-from src.inference.classify import compiled, forward, prepare_for_inference
-from src.networks.checkpoint import load_trained_model
 from src.core.device import Normalizer, cpu_has_bf16
-from src.shipping.onnx_export import export_onnx, quantize_int8, set_metadata
-from src.networks.factory import build_model
 from src.core.params import load_params
+from src.data.images import image_problem
+from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_crop, eval_transform
+from src.inference.classify import compiled, forward, prepare_for_inference
+from src.networks.checkpoint import load_trained_model, save_checkpoint
+from src.networks.factory import build_model
+from src.shipping.onnx_export import export_onnx, quantize_int8, set_metadata
 
 
 def write_images(folder, n, side, rng):
@@ -72,7 +71,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=None, help="default: predict.batch_size")
     ap.add_argument("--one-by-one", type=int, default=30, help="images the slow loop times (it is slow)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--compile", action="store_true", help="predict with --compile true, and compile the bare model too")
+    ap.add_argument("--compile", action="store_true",
+                    help="predict with --compile true, and compile the bare model too")
     args = ap.parse_args()
     if args.folder:
         args.folder = args.folder.resolve()
@@ -104,7 +104,8 @@ def main():
 
         model, ckpt = load_trained_model(tmp / "model.pt", device)
         # bare: the very model predict runs (same rewrites and precision), on crops already in memory.
-        bare_model, run = prepare_for_inference(model, device, args.size, ckpt, params["predict"]["precision"])
+        bare_model, run = prepare_for_inference(model, device, args.size, ckpt,
+                                                precision=params["predict"]["precision"])
         preloaded = torch.stack([eval_crop(args.size)(Image.open(f).convert("RGB")) for f in files])
         if run.channels_last:
             preloaded = preloaded.contiguous(memory_format=torch.channels_last)

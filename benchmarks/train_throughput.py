@@ -21,12 +21,12 @@ import time
 import torch
 import torch.nn as nn
 
-from src.data.manifest import load_class_names
-from src.data.loaders import make_loader
 from src.core import process
 from src.core.device import pick_device
-from src.networks.transfer import create_model
 from src.core.params import load_params
+from src.data.loaders import make_loader
+from src.data.manifest import load_class_names
+from src.networks.transfer import create_model
 from src.train import load_data, run_settings
 from src.training.schedule import EpochPlan
 from src.training.trainer import make_optimizer, make_trainer, train_one_epoch

@@ -4,9 +4,9 @@ Names are sorted, so the same classes always get the same indices.
 """
 from src.core import process
 from src.core.files import write_json
+from src.core.paths import CLASS_INDEX
 from src.core.process import run_stage
 from src.data.manifest import read_manifest
-from src.core.paths import CLASS_INDEX
 
 
 def main():

@@ -19,21 +19,19 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from src.core import tracking
-from src.core import process
-from src.data.manifest import check_same_classes, held_out_split, read_manifest
+from src.core import process, tracking
+from src.core.device import pick_device
 from src.core.errors import UserError
 from src.core.files import write_json, write_text
-from src.core.process import run_stage
-from src.data.manifest import rows_for
-from src.core.device import pick_device
-from src.inference.figures import confusion_figure, image_grid, save_figure
-from src.inference.explain import overlays
-from src.data.loaders import ImageFiles
-from src.inference.classify import classify_files
-from src.networks.checkpoint import load_trained_model
 from src.core.params import flatten, load_params
 from src.core.paths import CONFUSION_CSV, CONFUSION_PNG, EVAL_METRICS, MISCLASSIFIED_PNG, MODEL
+from src.core.process import run_stage
+from src.data.loaders import ImageFiles
+from src.data.manifest import check_same_classes, held_out_split, read_manifest, rows_for
+from src.inference.classify import classify_files
+from src.inference.explain import overlays
+from src.inference.figures import confusion_figure, image_grid, save_figure
+from src.networks.checkpoint import load_trained_model
 
 
 def confusion_matrix(y_true, y_pred, n_classes):
@@ -126,8 +124,9 @@ def main():
     paths, labels = rows_for(rows, split, class_names)
     if not paths:
         raise UserError("the manifest has no test or val images to evaluate on; set data.test > 0")
-    logits, errors = classify_files(model, ckpt, paths, device, cfg["batch_size"], cfg["precision"],
-                                    cfg["workers"], desc="evaluate")
+    how = {"batch_size": cfg["batch_size"], "precision": cfg["precision"], "precision_param": "evaluate.precision",
+           "workers": cfg["workers"]}
+    logits, errors = classify_files(model, ckpt, paths, device, **how, desc="evaluate")
     bad = [(p, e) for p, e in zip(paths, errors) if e]
     if bad:
         raise UserError(f"{bad[0][0]}: {bad[0][1]} ({len(bad)} unreadable {split} images); "
@@ -135,8 +134,7 @@ def main():
     y_true = np.asarray(labels)
     metrics, cm, probs = classification_metrics(y_true, logits, class_names, cfg["calibration_bins"])
     if cfg["tta"]:  # beside the plain numbers, which the figures and per-class numbers keep
-        tta_logits, _ = classify_files(model, ckpt, paths, device, cfg["batch_size"], cfg["precision"],
-                                       cfg["workers"], desc="evaluate (flipped)", tta=True)
+        tta_logits, _ = classify_files(model, ckpt, paths, device, **how, desc="evaluate (flipped)", tta=True)
         tta, _, _ = classification_metrics(y_true, tta_logits, class_names, cfg["calibration_bins"])
         metrics = {**{k: v for k, v in metrics.items() if k != "per_class"},
                    **{f"tta_{k}": tta[k] for k in ("accuracy", "balanced_accuracy", "loss")},

@@ -17,18 +17,18 @@ import numpy as np
 import torch
 
 from src.core import process
-from src.shipping import serving
-from src.data.manifest import check_same_classes, held_out_split, read_manifest
 from src.core.errors import UserError
 from src.core.files import write_json
-from src.core.process import run_stage
-from src.data.loaders import ImageFiles
-from src.inference.classify import classify_files
-from src.networks.checkpoint import load_trained_model
-from src.shipping.onnx_runtime import OnnxClassifier, classify_files_onnx
-from src.shipping.onnx_export import export_onnx, quantize_int8, set_metadata
 from src.core.params import load_params
 from src.core.paths import EXPORT_METRICS, MODEL, ONNX_INT8_MODEL, ONNX_MODEL
+from src.core.process import run_stage
+from src.data.loaders import ImageFiles
+from src.data.manifest import check_same_classes, held_out_split, read_manifest
+from src.inference.classify import classify_files
+from src.networks.checkpoint import load_trained_model
+from src.shipping import serving
+from src.shipping.onnx_export import export_onnx, quantize_int8, set_metadata
+from src.shipping.onnx_runtime import OnnxClassifier, classify_files_onnx
 
 BATCH = 64
 CALIBRATION_BATCH = 16
@@ -55,7 +55,8 @@ def parity(paths, model, ckpt):
     """{"images", "onnx": {...}, "int8": {...}}: each ONNX file under onnxruntime against the torch
     predict path in fp32 (the same decoded pixels: `ImageFiles`)."""
     files = ImageFiles(paths, ckpt["image_size"])
-    logits, errors = classify_files(model, ckpt, files, torch.device("cpu"), BATCH, "fp32", 0, desc="export")
+    logits, errors = classify_files(model, ckpt, files, torch.device("cpu"), batch_size=BATCH, precision="fp32",
+                                    workers=0, desc="export")
     bad = [(p, e) for p, e in zip(paths, errors) if e]
     if bad:
         raise UserError(f"{bad[0][0]}: {bad[0][1]} ({len(bad)} unreadable images); fix or remove them, "
@@ -63,7 +64,7 @@ def parity(paths, model, ckpt):
     reference = torch.softmax(logits, 1).numpy()
     result = {"images": len(paths)}
     for name, path in (("onnx", ONNX_MODEL), ("int8", ONNX_INT8_MODEL)):
-        probs, _ = classify_files_onnx(OnnxClassifier(path), files, BATCH, 0, desc="export")
+        probs, _ = classify_files_onnx(OnnxClassifier(path), files, batch_size=BATCH, workers=0, desc="export")
         result[name] = agreement(probs, reference)
     return result
 

@@ -30,14 +30,14 @@ import numpy as np
 from PIL import Image
 
 from src.core import process
-from src.data.archives import LINK_REASON, extract
 from src.core.errors import UserError
 from src.core.files import SCRATCH_SUFFIX, scratch, write_json
-from src.core.process import run_stage
-from src.data.download import check_sha256, download
-from src.data.images import file_digest
 from src.core.params import load_params, redact_url
 from src.core.paths import INGEST_RECORD, RAW, RAW_NOTE, from_workspace, hidden, workspace_root
+from src.core.process import run_stage
+from src.data.archives import LINK_REASON, extract
+from src.data.download import check_sha256, download
+from src.data.images import file_digest
 
 SAMPLE_SIZE = 32  # the digits are 8x8; stored upscaled so they are viewable pictures
 FICLONE = 0x40049409  # Linux ioctl: copy-on-write clone of a whole file (btrfs, XFS)

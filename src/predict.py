@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from src.core import process
-from src.data.manifest import check_same_classes, held_out_split, read_manifest
 from src.core.errors import UserError
 from src.core.files import write_text
-from src.core.process import run_stage
-from src.data.images import PixelBudget, is_image_name
 from src.core.params import load_params
 from src.core.paths import CLASS_INDEX, MODEL, PREDICTIONS
+from src.core.process import run_stage
+from src.data.images import PixelBudget, is_image_name
+from src.data.manifest import check_same_classes, held_out_split, read_manifest
 
 PICTURE_LIMIT = 16  # images drawn by --picture; more would be too small to see
 
@@ -105,6 +105,7 @@ def draw_picture(rows, destination):
     """The tutorial's figure (plt.imshow + title) for each image, in a window when there is a
     display, else into a PNG file. Returns where it went."""
     from matplotlib import pyplot as plt
+
     from src.inference.figures import image_grid, save_figure
     shown = [r for r in rows if not r["error"]][:PICTURE_LIMIT]
     titles = [f"class: {r['top_k'][0][0]}   prob: {r['top_k'][0][1]:.3}" for r in shown]
@@ -188,25 +189,30 @@ def classify(args, cfg, files, budget):
     backend, classifier = pick_backend(args.backend, args.model, lambda: device().type == "cpu")
     if classifier is not None:
         from src.shipping.onnx_runtime import classify_files_onnx
-        probs, errors = classify_files_onnx(classifier, files, args.batch_size, cfg["workers"], budget=budget)
+        probs, errors = classify_files_onnx(classifier, files, batch_size=args.batch_size, workers=cfg["workers"],
+                                            budget=budget)
         return probs, errors, classifier.class_names, backend
     import torch
+
     from src.data.loaders import ImageFiles
     from src.inference.classify import classify_files
     from src.networks.checkpoint import load_trained_model
     model, ckpt = load_trained_model(args.model, device())
     compile_choice = {"auto": "auto", "true": True, "false": False}[args.compile]
     logits, errors = classify_files(model, ckpt, ImageFiles(files, ckpt["image_size"], budget), device(),
-                                    args.batch_size, args.precision, cfg["workers"], compile_choice, desc="predict")
+                                    batch_size=args.batch_size, precision=args.precision,
+                                    precision_param="predict.precision", workers=cfg["workers"],
+                                    use_compile=compile_choice, desc="predict")
     return torch.softmax(logits, 1).numpy(), errors, ckpt["class_names"], backend
 
 
 def write_explanations(rows, checkpoint, folder):
     """One Grad-CAM overlay PNG per readable file (of its top class) in `folder`; returns how many."""
     from PIL import Image
+
     from src.core.files import atomic_path
-    from src.inference.explain import overlay_names, overlays
     from src.data.loaders import ImageFiles
+    from src.inference.explain import overlay_names, overlays
     from src.networks.checkpoint import load_trained_model
 
     model, ckpt = load_trained_model(checkpoint)  # fp32 on the CPU: gradients, one image batch at a time

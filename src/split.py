@@ -1,8 +1,9 @@
 """Stage `split`: check every image once and write the train/val/test manifest.
 
 Each file in data/raw is decoded; the ones that can't be used (broken, not an allowed format,
-over data.max_pixels) are listed with the reason in metrics/data_report.json and left out. Decoding results are cached by content hash
-(.dvc/tmp/image_checks.json), so rerunning the split, e.g. with other ratios, decodes nothing.
+over data.max_pixels) are listed with the reason in metrics/data_report.json and left out.
+Decoding results are cached by content hash (.dvc/tmp/image_checks.json), so rerunning the
+split, e.g. with other ratios, decodes nothing.
 
 The split is stratified per class and seeded, and it depends only on file contents: a file's
 place is decided by a hash of (seed, content), so listing order, machine, and images added to
@@ -26,10 +27,10 @@ import PIL
 from src.core import process
 from src.core.errors import UserError
 from src.core.files import write_json, write_text
+from src.core.params import load_params
+from src.core.paths import DATA_REPORT, INGEST_RECORD, MANIFEST, RAW, RAW_NOTE, hidden, workspace_root
 from src.core.process import run_stage
 from src.data.images import PixelBudget, check_image, file_digest, skip_reason_for_name
-from src.core.paths import DATA_REPORT, INGEST_RECORD, MANIFEST, RAW, RAW_NOTE, hidden, workspace_root
-from src.core.params import load_params
 
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 SPLITS = ("train", "val", "test")

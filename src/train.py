@@ -20,25 +20,22 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
-from src.core import tracking
+from src.core import process, tracking
+from src.core.device import Normalizer, RunSettings, configure, pick_device, pick_precision, use_channels_last
 from src.core.errors import UserError
 from src.core.files import read_json, write_json, write_text
-from src.core.process import run_stage
-from src.core import process
-from src.core.process import decoding_workers
-from src.core.device import Normalizer, RunSettings, configure, pick_device, pick_precision, use_channels_last
+from src.core.params import load_params
+from src.core.paths import CLASS_INDEX, DATA_REPORT, TRAIN_HISTORY, TRAIN_METRICS
+from src.core.process import decoding_workers, run_stage
 from src.data.datasets import ImageListDataset
-from src.data.loaders import make_loader
-from src.data.manifest import load_class_names, read_manifest, rows_for
 from src.data.image_files import resize_size
+from src.data.loaders import ImageFiles, make_loader
+from src.data.manifest import load_class_names, read_manifest, rows_for
 from src.data.transforms import train_transform
-from src.data.loaders import ImageFiles
 from src.inference.classify import classify_files
 from src.networks.checkpoint import load_trained_model
 from src.networks.pretrained import normalization
 from src.networks.transfer import create_model, set_transfer_phase
-from src.core.params import load_params
-from src.core.paths import CLASS_INDEX, DATA_REPORT, TRAIN_HISTORY, TRAIN_METRICS
 from src.training.distributed import check_ranks_agree, gather_rng_states, init_distributed, sync_buffers
 from src.training.resume import Progress
 from src.training.schedule import EpochPlan
@@ -75,7 +72,7 @@ def evaluate(model, info, val, device, batch_size):
     inference rewrites, its precision rule), on a copy so the training model keeps its state.
     The loss is plain cross-entropy in float64, as evaluate reports it (no label smoothing)."""
     files, labels = val
-    logits, errors = classify_files(copy.deepcopy(model), info, files, device, batch_size,
+    logits, errors = classify_files(copy.deepcopy(model), info, files, device, batch_size=batch_size,
                                     workers=0 if files.kept is not None else "auto", desc="validate")
     bad = next((f"{path}: {error}" for path, error in zip(files.paths, errors) if error), None)
     if bad:

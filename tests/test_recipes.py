@@ -158,9 +158,10 @@ def test_tta_averages_the_plain_and_the_mirrored_logits(tmp_path):
     torch.manual_seed(0)
     model = resnet18(num_classes=3).eval()
     ckpt = {"image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "num_classes": 3}
-    tta, errors = classify_files(copy.deepcopy(model), ckpt, paths, CPU, 4, "fp32", 0, tta=True)
+    tta, errors = classify_files(copy.deepcopy(model), ckpt, paths, CPU, batch_size=4, precision="fp32", workers=0,
+                                  tta=True)
     assert errors == [""] * len(paths)
-    prepared, run_settings = prepare_for_inference(model, CPU, 32, ckpt, "fp32")
+    prepared, run_settings = prepare_for_inference(model, CPU, 32, ckpt, precision="fp32")
     files = ImageFiles(paths, 32)
     images = torch.stack([torch.from_numpy(files.pixels(i)[0]).permute(2, 0, 1) for i in range(len(files))])
     with torch.inference_mode():

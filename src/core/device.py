@@ -5,8 +5,8 @@ how a uint8 batch becomes the model's input.
 through training, validation, evaluation and prediction as one object.
 """
 import contextlib
-import os
 import math
+import os
 from typing import NamedTuple, Optional, Union
 
 import torch

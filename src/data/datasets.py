@@ -3,8 +3,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from torch.utils.data import Dataset
 
-from src.data.images import open_rgb
 from src.core.process import cpu_count
+from src.data.images import open_rgb
 
 
 class ImageListDataset(Dataset):

@@ -16,10 +16,10 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
-from src.data.archives import ensure_free_space, gib
 from src.core.errors import UserError, first_line
 from src.core.files import scratch
 from src.core.params import redact_url
+from src.data.archives import ensure_free_space, gib
 
 MAX_BYTES = 100 << 30     # 100 GiB: a larger dataset is better downloaded once by hand and named by path
 DEADLINE_S = 4 * 3600     # the whole download; 100 GiB takes ~2.5 h at 100 Mbit/s
@@ -62,7 +62,8 @@ def fetch(url, out, max_bytes, deadline_s):
         if declared and declared.isdigit():
             if int(declared) > max_bytes:
                 raise UserError(f"data.source={redact_url(url)!r} is {gib(int(declared))}, over the "
-                                f"{gib(max_bytes)} download limit; download it yourself and point data.source at the file")
+                                f"{gib(max_bytes)} download limit; download it yourself and point data.source "
+                                f"at the file")
             ensure_free_space(os.path.dirname(out.name) or ".", int(declared), f"data.source={redact_url(url)!r}")
         while chunk := response.read1(CHUNK):
             got += len(chunk)

@@ -113,19 +113,20 @@ def pixel_batches(files, batch_size, threads):
         for start, stop in batch_bounds(len(files), batch_size):
             n = stop - start
             batch, errors = np.empty((n, files.size, files.size, 3), np.uint8), [""] * n
-            todo, lock = iter(range(n)), threading.Lock()
-
-            def fill():
-                while True:
-                    with lock:
-                        k = next(todo, None)
-                    if k is None:
-                        return
-                    batch[k], errors[k] = files.pixels(start + k)
-
-            for done in [pool.submit(fill) for _ in range(min(threads, n))]:
+            todo, lock = iter(range(start, stop)), threading.Lock()
+            for done in [pool.submit(fill, files, todo, lock, batch, errors, start) for _ in range(min(threads, n))]:
                 done.result()
             yield batch, errors
+
+
+def fill(files, todo, lock, batch, errors, start):
+    """One decoding thread: take the next image still to do, put it at its place in the batch."""
+    while True:
+        with lock:
+            i = next(todo, None)
+        if i is None:
+            return
+        batch[i - start], errors[i - start] = files.pixels(i)
 
 
 def progress(batches, files, batch_size, desc):

@@ -15,7 +15,6 @@ from torchvision.transforms import v2
 from src.core.device import mean_pixel
 from src.data.image_files import resize_size
 
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -11,14 +11,14 @@ import sys
 import torch
 from torch.fx.experimental.optimization import fuse
 
-from src.core.errors import first_line
-from src.data.loaders import ImageFiles, image_batches
 from src.core.device import Normalizer, RawPixels, RunSettings, pick_precision, use_channels_last
-from src.inference.rewrites import fold_normalization, use_bits_relus
+from src.core.errors import first_line
 from src.core.process import inference_rewrites
+from src.data.loaders import ImageFiles, image_batches
+from src.inference.rewrites import fold_normalization, use_bits_relus
 
 
-def prepare_for_inference(model, device, image_size, mean_std, precision="auto"):
+def prepare_for_inference(model, device, image_size, mean_std, *, precision="auto", precision_param="precision"):
     """(model, RunSettings) for the fastest inference the hardware allows: eval mode, each
     BatchNorm folded into the conv before it (the same function, one op and one pass over the
     activations fewer per layer), bf16 and channels_last where they pay, on a CPU in bf16 ReLUs
@@ -34,7 +34,7 @@ def prepare_for_inference(model, device, image_size, mean_std, precision="auto")
             model = fuse(model, inplace=True)
         except Exception:  # a network torch.fx can't trace (data-dependent control flow) runs unfolded
             pass
-    amp_dtype = pick_precision(precision, device, image_size)
+    amp_dtype = pick_precision(precision, device, image_size, precision_param)
     on_graph = rewrites and device.type == "cpu" and isinstance(model, torch.fx.GraphModule)
     if on_graph and amp_dtype == torch.bfloat16:
         use_bits_relus(model)
@@ -69,18 +69,19 @@ def forward(model, images, run):
 
 
 @torch.inference_mode()
-def classify_files(model, ckpt, paths, device, batch_size, precision="auto", workers="auto", use_compile=False,
-                   desc="classify", tta=False):
+def classify_files(model, ckpt, paths, device, *, batch_size, precision="auto", precision_param="precision",
+                   workers="auto", use_compile=False, desc="classify", tta=False):
     """fp32 logits (one row per file, in order) and per-file errors ("" when fine).
 
     tta=True: test-time augmentation, the mean of each image's logits and its mirror image's.
 
     `paths` is a list of files or an `ImageFiles`; `ckpt` gives image_size, mean, std and
-    num_classes (a checkpoint, or training's `describe`).
+    num_classes (a checkpoint, or training's `describe`); `precision_param` names the setting
+    `precision` came from, for its messages (evaluate.precision, predict.precision).
     The rows of unreadable files hold the logits of a blank image: callers skip them.
     """
     size = ckpt["image_size"]
-    model, run = prepare_for_inference(model, device, size, ckpt, precision)
+    model, run = prepare_for_inference(model, device, size, ckpt, precision=precision, precision_param=precision_param)
     files = paths if isinstance(paths, ImageFiles) else ImageFiles(paths, size)
     fast = compiled(model, use_compile, len(files), device)
     all_logits, errors = [torch.empty(0, ckpt["num_classes"])], []

@@ -5,8 +5,8 @@ Used by evaluate (metrics/misclassified.png) and `python -m src.predict ... --ex
 import numpy as np
 import torch
 
-from src.core.errors import UserError
 from src.core.device import Normalizer
+from src.core.errors import UserError
 
 BATCH = 16
 

@@ -10,12 +10,11 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from src.networks.checkpoint import FORMAT, load_checkpoint, model_state
 from src.core.errors import UserError, first_line
-from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from src.networks.factory import torchvision_archs
 from src.core.paths import from_workspace
-
+from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from src.networks.checkpoint import FORMAT, load_checkpoint, model_state
+from src.networks.factory import torchvision_archs
 
 # Seconds any one network operation of a weights download may take. Offline this makes
 # `pretrained: imagenet` fail in seconds, not hang; online it still allows slow downloads

@@ -21,8 +21,8 @@ from torch.fx.experimental.optimization import fuse
 
 from src.core.device import pixel_normalization
 from src.core.files import atomic_path
-from src.inference.rewrites import fold_normalization_for_uint8
 from src.data.images import file_digest
+from src.inference.rewrites import fold_normalization_for_uint8
 from src.shipping.onnx_runtime import LAYOUT
 
 OPSET = 17

@@ -8,10 +8,9 @@ import numpy as np
 import onnxruntime as ort
 
 from src.core.errors import UserError, first_line
-from src.data.images import PILLOW_BUDGET, file_digest
+from src.core.process import cpu_count, decoding_workers
 from src.data.image_files import EvalPixels, pixel_batches, progress
-from src.core.process import decoding_workers
-from src.core.process import cpu_count
+from src.data.images import PILLOW_BUDGET, file_digest
 
 LAYOUT = "NHWC"
 
@@ -49,7 +48,7 @@ class OnnxClassifier:
         return self.session.run(None, {"image": np.ascontiguousarray(images, dtype=np.uint8)})[0]
 
 
-def classify_files_onnx(classifier, paths, batch_size, workers="auto", desc="predict", budget=PILLOW_BUDGET):
+def classify_files_onnx(classifier, paths, *, batch_size, workers="auto", desc="predict", budget=PILLOW_BUDGET):
     """Probabilities (one row per file, in order) and per-file errors ("" when fine), as
     `src.inference.classify.classify_files` gives logits: the same decoding, resizing and cropping.
     Decoded by threads; by torch's DataLoader processes only where `src.core.process.decoding_workers` asks for them."""

@@ -39,9 +39,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from src.core.errors import UserError
-from src.data.images import PixelBudget
-from src.data.image_files import EvalPixels
 from src.core.process import cpu_count
+from src.data.image_files import EvalPixels
+from src.data.images import PixelBudget
 
 TOP_K = 5
 NAME = "image_model"
@@ -219,7 +219,8 @@ def example_input(path, image_size):
 
 
 def requirements():
-    """What the served model runs: no torch, no torchvision (src.data.image_files and src.shipping.onnx_runtime need neither)."""
+    """What the served model runs: no torch, no torchvision (src.data.image_files and
+    src.shipping.onnx_runtime need neither)."""
     from importlib.metadata import version
     return [f"{name}=={version(name).split('+')[0]}" for name in
             ("mlflow", "onnxruntime", "numpy", "pandas", "pillow", "simplejpeg")]
@@ -230,6 +231,7 @@ def log_image_model(params, run_id, onnx_path, example_image):
     `mlflow.register_model: NAME`, register it as NAME's next version; returns its URI, or None
     when the run is not in this store (weights fetched with `dvc pull` into a fresh clone)."""
     from mlflow.models import infer_signature
+
     from src.core import tracking
     from src.shipping.onnx_runtime import OnnxClassifier
 

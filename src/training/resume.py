@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from src.networks.checkpoint import describe, save_checkpoint, weights
 from src.core.errors import first_line
 from src.core.paths import CLASS_INDEX, DATA_REPORT, MANIFEST, MODEL, RESUME
+from src.networks.checkpoint import describe, save_checkpoint, weights
 
 
 def fingerprint(params, data_files, world_size):

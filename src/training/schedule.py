@@ -6,7 +6,6 @@ import statistics
 import torch
 import torch.distributed as torch_dist
 
-
 RAMP = 0.75  # progressive resizing reaches data.image_size after this fraction of the epochs
 
 
