@@ -1,11 +1,10 @@
 """`torchrun --nproc_per_node=2 -m src.train` on CPU (gloo): DDP over both processes, one set of outputs."""
 import json
 
-import mlflow
 import pytest
 import torch
 
-from conftest import python, run
+from conftest import logged_runs, python, run, set_params
 
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
@@ -35,8 +34,7 @@ def test_torchrun_two_processes_match_single_process(project):
     assert abs(metrics["best_val_acc"] - single_metrics["best_val_acc"]) <= 0.05, (metrics, single_metrics)
     assert metrics["best_val_acc"] > 0.8
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["resnet-transfer"], output_format="list")
+    runs = logged_runs(project)
     assert len(runs) == 2  # one per training, none from rank 1
 
 
@@ -45,7 +43,6 @@ def test_torchrun_head_first_unfreezes_on_every_rank_in_step(project):
     # parameter must be synchronised again, or the ranks' backbones drift apart (the stage
     # compares the ranks' weights at the end and fails if they differ).
     run(["dvc", "repro", "classes"], project)
-    from conftest import set_params
     set_params(project, {"model.transfer": "head_first", "model.head_epochs": 1})
     out = run([python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "src.train"], project).stdout
