@@ -103,7 +103,7 @@ def test_resume_file_is_ignored_for_other_params_or_data(tmp_path):
 
 SLOW_SAVE = """
 import sys, torch
-from src.checkpoint import save_checkpoint
+from src.networks.checkpoint import save_checkpoint
 save_checkpoint(sys.argv[1], {"epoch": 1, "model": {"w": torch.ones(3)}})
 print("first written", flush=True)
 # Many small tensors make the second write take seconds: time to kill it half-way.
