@@ -84,6 +84,28 @@ def project(tmp_path):
     return make_project(tmp_path / "project")
 
 
+def copy_project(project, dest):
+    """A copy of a test project (git repo, DVC cache, outputs) to change without touching the original."""
+    shutil.copytree(project, dest, symlinks=True)
+    return Path(dest)
+
+
+@pytest.fixture(scope="session")
+def digits_prepared(tmp_path_factory):
+    """The sample (digits) through ingest, split and classes, once for the session (ingesting and
+    checking 1797 images is the same work for every test that trains on them). Read-only: use
+    `digits_project` to train."""
+    project = make_project(tmp_path_factory.mktemp("digits") / "project")
+    run(["dvc", "repro", "classes"], project)
+    return project
+
+
+@pytest.fixture
+def digits_project(digits_prepared, tmp_path):
+    """A fresh copy of the project, tiny params, with the digits ingested, split and indexed: ready to train."""
+    return copy_project(digits_prepared, tmp_path / "project")
+
+
 def python():
     return sys.executable
 

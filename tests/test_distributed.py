@@ -9,8 +9,8 @@ from conftest import logged_runs, python, run, set_params
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
 
-def test_torchrun_two_processes_match_single_process(project):
-    run(["dvc", "repro", "classes"], project)
+def test_torchrun_two_processes_match_single_process(digits_project):
+    project = digits_project
     single = run([python(), "-m", "src.train"], project)
     single_metrics = json.loads((project / "metrics/train.json").read_text())
     assert "rank" not in single.stdout

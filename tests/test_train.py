@@ -30,8 +30,8 @@ def held_out_accuracy(project):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16")
-def test_bf16_reaches_fp32_accuracy_on_the_sample(project):
-    run(["dvc", "repro", "classes"], project)
+def test_bf16_reaches_fp32_accuracy_on_the_sample(digits_project):
+    project = digits_project
     accuracy = {}
     for precision in ("fp32", "bf16"):
         set_params(project, {"data.image_size": 32, "train.epochs": 3, "train.precision": precision})
