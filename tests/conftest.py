@@ -89,43 +89,90 @@ def project(tmp_path):
     return make_project(tmp_path / "project")
 
 
+def copy_project(project, dest):
+    """A copy of a test project (git repo, DVC cache, outputs) to change without touching the original."""
+    shutil.copytree(project, dest, symlinks=True)
+    return Path(dest)
+
+
+@pytest.fixture(scope="session")
+def digits_prepared(tmp_path_factory):
+    """The sample (digits) through ingest, split and classes, once for the session (ingesting and
+    checking 1797 images is the same work for every test that trains on them). Read-only: use
+    `digits_project` to train."""
+    project = make_project(tmp_path_factory.mktemp("digits") / "project")
+    run(["dvc", "repro", "classes"], project)
+    return project
+
+
+@pytest.fixture
+def digits_project(digits_prepared, tmp_path):
+    """A fresh copy of the project, tiny params, with the digits ingested, split and indexed: ready to train."""
+    return copy_project(digits_prepared, tmp_path / "project")
+
+
 def python():
     return sys.executable
 
 
-def write_image_folder(dest, classes=("circle", "square", "cross"), per_class=12, size=20, seed=0):
-    """A tiny photo-like dataset on disk: one sub-folder of distinct PNGs per class.
+def image_folder(dest, classes=3, per_class=12, size=20, seed=0, fmt="png"):
+    """A tiny photo-like dataset: dest/<class>/<class>_<i>.<fmt>, every image distinct (per-image noise).
 
-    Much faster to train on than the digits sample, for tests where the numbers don't matter.
+    `classes`: a count (class0, class1, ...) or the names; `per_class`: one count for all, or one per
+    class. Each class has its own colour (the first three: red, green, blue channel), and past three
+    classes a white bar in its own place: learnable in an epoch or two, decoded in no time. Folders made
+    by two calls share pictures unless their seeds differ.
     """
     import numpy as np
     from PIL import Image
 
+    names = [f"class{c}" for c in range(classes)] if isinstance(classes, int) else list(classes)
+    counts = [per_class] * len(names) if isinstance(per_class, int) else list(per_class)
+    assert len(counts) == len(names), (names, counts)
     rng = np.random.default_rng(seed)
-    for c, name in enumerate(classes):
+    for c, (name, n) in enumerate(zip(names, counts)):
         folder = Path(dest) / name
         folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
+        for i in range(n):
             pixels = rng.integers(0, 64, (size, size, 3), dtype=np.uint8)
-            pixels[:, :, c % 3] += 150  # a class colour under per-image noise: learnable, never duplicate
-            Image.fromarray(pixels).save(folder / f"{name}_{i:02d}.png")
+            pixels[:, :, c % 3] += 150
+            if c >= 3:  # three colours: further classes also get a bar, its column set by the class
+                column = (c // 3) * size // (len(names) // 3 + 2)
+                pixels[:, column:column + max(1, size // 8)] = 255
+            Image.fromarray(pixels).save(folder / f"{name}_{i:02d}.{fmt}")
     return Path(dest)
 
 
-def colour_folder(root, per_class=(8, 8, 8), size=24, seed=0):
-    """Noisy images whose dominant channel gives the class (class0, class1, ...): learnable in an
-    epoch, decoded in no time; `per_class` gives each class's image count."""
-    import numpy as np
-    from PIL import Image
+def write_image_folder(dest, classes=("circle", "square", "cross"), per_class=12, size=20, seed=0):
+    """Deprecated: image_folder with these defaults (the same pixels); test_export and test_ingest
+    still call it."""
+    return image_folder(dest, classes, per_class, size, seed)
 
-    rng = np.random.default_rng(seed)
-    for c, n in enumerate(per_class):
-        (Path(root) / f"class{c}").mkdir(parents=True)
-        for i in range(n):
-            pixels = rng.integers(0, 120, (size, size, 3))
-            pixels[..., c] += 120
-            Image.fromarray(pixels.astype(np.uint8)).save(Path(root) / f"class{c}" / f"{i}.png")
-    return Path(root)
+
+def colour_folder(root, per_class=(8, 8, 8), size=24, seed=0):
+    """Deprecated: image_folder(root, len(per_class), per_class, size, seed)."""
+    return image_folder(root, len(per_class), per_class, size, seed)
+
+
+def store_uri(workspace):
+    """The workspace's MLflow store, where the stages log by default (sqlite:///<workspace>/mlflow.db)."""
+    return f"sqlite:///{Path(workspace) / 'mlflow.db'}"
+
+
+def use_store(workspace):
+    """Point this process's mlflow at the workspace's store; an MlflowClient on it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(store_uri(workspace))
+    return mlflow.MlflowClient()
+
+
+def logged_runs(workspace, experiment="resnet-transfer"):
+    """The runs of the workspace's store in `experiment` (params.yaml's mlflow.experiment), newest first."""
+    import mlflow
+
+    use_store(workspace)
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
 def free_port():

@@ -6,13 +6,11 @@ models end to end, not how well they learn.
 """
 import json
 
-import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
-from conftest import env, run
+from conftest import env, image_folder, run
 from test_pretrained import IMAGENET_RESNET18, OFFLINE
 
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
@@ -21,14 +19,7 @@ pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leave
 @pytest.fixture
 def images(tmp_path):
     """3 classes x 10 distinct 16 px PNGs, each class its own tint."""
-    rng = np.random.default_rng(0)
-    for c, tint in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
-        folder = tmp_path / "images" / f"class{c}"
-        folder.mkdir(parents=True)
-        for i in range(10):
-            pixels = np.clip(rng.normal(tint, 40, size=(16, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i}.png")
-    return tmp_path / "images"
+    return image_folder(tmp_path / "images", classes=3, per_class=10, size=16)
 
 
 def test_resnext_and_efficientnet_run_as_experiments(project, images):

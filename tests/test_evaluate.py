@@ -9,25 +9,13 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-from conftest import SHARED, make_project, python, run, tutorial_logits, write_image_folder
+from conftest import SHARED, image_folder, make_project, python, run, tutorial_logits, use_store
 from src.evaluate import classification_metrics
 from src.networks.checkpoint import load_trained_model
 
 # Seven classes (more than 5, so top-5 accuracy is reported), few tiny images: trains in seconds.
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu & co"]
 PER_CLASS = 14
-
-
-def write_shapes(root):
-    """Each class a colour and a bar position, plus noise: learnable, but not perfectly in 2 epochs."""
-    rng = np.random.default_rng(0)
-    for k, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        colour = np.array([(k * 37) % 256, (k * 91) % 256, (k * 53 + 80) % 256])
-        for i in range(PER_CLASS):
-            a = rng.normal(128, 60, (24, 24, 3))
-            a[:, 3 * k:3 * k + 4] = colour
-            Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(root / name / f"{name[:3]}_{i}.png")
 
 
 def reference_ece(confidence, correct, bins):
@@ -84,9 +72,9 @@ def assert_same_metrics(got, expected, **tolerance):
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    write_shapes(root / "shapes")
+    shapes = image_folder(root / "shapes", CLASSES, PER_CLASS, size=24)
     project = make_project(root / "project", {
-        "data.source": str(root / "shapes"), "data.val": 0.2, "data.test": 0.25})
+        "data.source": str(shapes), "data.val": 0.2, "data.test": 0.25})
     run(["dvc", "repro", "evaluate"], project)
     return project
 
@@ -111,7 +99,7 @@ def test_eval_json_equals_scikit_learn_on_the_same_predictions(evaluated):
     assert_same_metrics(results, sklearn_metrics(y_true, probs, CLASSES), rel=1e-5, abs=1e-6)
 
     # Logged into the training's MLflow run: headline metrics named after the split, per class as a table.
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = use_store(project)
     run_metrics = mlflow.get_run(ckpt["mlflow_run_id"]).data.metrics
     assert run_metrics["test/macro_f1"] == pytest.approx(results["macro_f1"])
     assert run_metrics["test/accuracy"] == pytest.approx(results["accuracy"])
@@ -119,7 +107,7 @@ def test_eval_json_equals_scikit_learn_on_the_same_predictions(evaluated):
     table = mlflow.artifacts.load_dict(f"runs:/{ckpt['mlflow_run_id']}/per_class_metrics.json")
     rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
     assert list(rows) == CLASSES and rows["gnu & co"]["f1"] == pytest.approx(results["per_class"]["gnu & co"]["f1"])
-    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(ckpt["mlflow_run_id"])}
+    logged = {a.path for a in client.list_artifacts(ckpt["mlflow_run_id"])}
     assert {"confusion.png", "misclassified.png", "confusion.csv", "per_class_metrics.json"} <= logged, logged
 
 
@@ -170,8 +158,8 @@ def test_train_best_val_accuracy_is_evaluates_val_accuracy(tmp_path):
     At 64 px, so CPUs with native bf16 take the bf16 path; the loss agreeing to 1e-9 shows that
     every image got the same logits both times, not just the same share right."""
     source = tmp_path / "photos"
-    write_image_folder(source / "train", per_class=16, size=40, seed=0)
-    write_image_folder(source / "val", per_class=6, size=40, seed=1)
+    image_folder(source / "train", per_class=16, size=40, seed=0)
+    image_folder(source / "val", per_class=6, size=40, seed=1)
     train, evaluation = train_then_evaluate(tmp_path, source, {"data.image_size": 64, "train.epochs": 2,
                                                                "train.batch_size": 16})
     assert list(evaluation) == ["val"] and evaluation["val"]["images"] == 18

@@ -11,7 +11,8 @@ import mlflow
 import pytest
 import torch
 
-from conftest import env, free_port, make_project, run, stop_server, wait_until_answers, write_image_folder
+from conftest import (env, free_port, image_folder, logged_runs, make_project, run, stop_server, store_uri, use_store,
+                      wait_until_answers)
 from src.networks.checkpoint import load_trained_model
 from src.core.params import flatten
 
@@ -52,7 +53,7 @@ def wait_for_queue(project, names, timeout=900):
 def queued(tmp_path_factory):
     """A project whose two queued experiments ran with `dvc queue start -j 2`."""
     root = tmp_path_factory.mktemp("queue")
-    images = write_image_folder(root / "images")
+    images = image_folder(root / "images")
     project = make_project(root / "project", {"data.source": str(images), "train.epochs": 1})
     for name, arch in EXPERIMENTS.items():
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"arch={arch}"], project)
@@ -65,16 +66,15 @@ def queued(tmp_path_factory):
 
 
 def store_runs(project):
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["resnet-transfer"], output_format="list")
-    return {r.info.run_name: r for r in runs}
+    """{run name: run} of the workspace's store."""
+    return {r.info.run_name: r for r in logged_runs(project)}
 
 
 def test_queued_parallel_runs_land_in_workspace_store_with_dvc_numbers(queued):
     shown = experiments_shown(queued)
     runs = store_runs(queued)
     assert set(runs) == set(EXPERIMENTS), runs.keys()
-    client = mlflow.MlflowClient()
+    client = use_store(queued)
     baseline = run(["git", "rev-parse", "HEAD"], queued).stdout.strip()
     for name, arch in EXPERIMENTS.items():
         logged, data = runs[name], shown[name]
@@ -124,7 +124,7 @@ def test_mlflow_server_on_the_store_lists_both_runs(queued):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{queued / 'mlflow.db'}",
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri(queued),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         cwd=queued, env={**env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)

@@ -2,10 +2,9 @@
 import csv
 import json
 
-import mlflow
 import pytest
 
-from conftest import make_project, run, write_image_folder
+from conftest import image_folder, logged_runs, make_project, run
 
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
@@ -15,7 +14,8 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_repro_end_to_end_then_noop(project):
+def test_repro_end_to_end_then_noop(digits_project):
+    project = digits_project  # ingest, split and classes done (shared): `dvc repro` runs the rest
     run(["dvc", "repro"], project)
 
     manifest = read_csv(project / "data/manifest.csv")
@@ -35,8 +35,7 @@ def test_repro_end_to_end_then_noop(project):
     assert [p["file"] for p in predictions] == [r["path"] for r in test_rows]
     assert all(0 < float(p["probability"]) <= 1 for p in predictions)
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["resnet-transfer"], output_format="list")
+    runs = logged_runs(project)
     assert len(runs) == 1
     assert runs[0].data.params["arch"] == "resnet18"
     assert runs[0].data.metrics["test/accuracy"] == evaluation["test/accuracy"]
@@ -44,11 +43,11 @@ def test_repro_end_to_end_then_noop(project):
 
     again = run(["dvc", "repro"], project)
     assert "up to date" in again.stdout
-    assert len(mlflow.search_runs(experiment_names=["resnet-transfer"], output_format="list")) == 1
+    assert len(logged_runs(project)) == 1
 
 
 def test_experiment_with_another_arch_is_listed(tmp_path):
-    photos = write_image_folder(tmp_path / "photos")  # small: this test is about DVC and MLflow, not accuracy
+    photos = image_folder(tmp_path / "photos")  # small: this test is about DVC and MLflow, not accuracy
     project = make_project(tmp_path / "project", {"data.source": str(photos)})
     run(["dvc", "repro", "evaluate"], project)  # export and predict add time, not coverage, here
     run(["git", "add", "-A"], project)
@@ -64,7 +63,6 @@ def test_experiment_with_another_arch_is_listed(tmp_path):
             if params.get("arch") and metrics:
                 archs.append((data.get("name") or exp.get("name"), params["arch"]))
     assert ("r34", "resnet34") in archs, archs
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["resnet-transfer"], output_format="list")
+    runs = logged_runs(project)
     assert sorted(r.data.params["arch"] for r in runs) == ["resnet18", "resnet34"]
     assert any(r.info.run_name == "r34" for r in runs)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from benchmarks import recipe as recipe_benchmark
-from conftest import REPO, colour_folder, make_project, python, run, set_params
+from conftest import REPO, image_folder, make_project, python, run, set_params
 from src.networks.checkpoint import load_checkpoint
 from src.data.transforms import POLICIES, train_transform
 from src.core.device import Normalizer, RunSettings
@@ -153,7 +153,7 @@ def test_class_imbalance_reports_the_largest_over_the_smallest():
 
 
 def test_tta_averages_the_plain_and_the_mirrored_logits(tmp_path):
-    colour_folder(tmp_path / "images", (3, 3, 3))
+    image_folder(tmp_path / "images", per_class=3, size=24)
     paths = sorted((tmp_path / "images").rglob("*.png"))
     torch.manual_seed(0)
     model = resnet18(num_classes=3).eval()
@@ -182,7 +182,7 @@ OFF = {"train.augment": "none", "train.random_erasing": 0.0, "train.mixup": 0.0,
 
 @pytest.mark.slow
 def test_each_recipe_trains_through_the_stage_and_ema_saves_the_average(tmp_path):
-    data = colour_folder(tmp_path / "images", (10, 6, 6))
+    data = image_folder(tmp_path / "images", per_class=(10, 6, 6), size=24)
     project = make_project(tmp_path / "project", {"data.source": str(data), "data.image_size": 32,
                                                   "train.epochs": 1, "train.batch_size": 8})
     run(["dvc", "repro", "classes"], project)
@@ -202,7 +202,7 @@ def test_each_recipe_trains_through_the_stage_and_ema_saves_the_average(tmp_path
 
 @pytest.mark.slow
 def test_a_30_second_budget_ends_within_ten_percent_with_progressive_resizing(tmp_path):
-    data = colour_folder(tmp_path / "images", (12, 12, 12))
+    data = image_folder(tmp_path / "images", size=24)
     project = make_project(tmp_path / "project", {"data.source": str(data), "data.image_size": 32,
                                                   "train.batch_size": 8, "train.time_budget": 0.5,
                                                   "train.start_image_size": 16})

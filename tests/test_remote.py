@@ -1,7 +1,7 @@
 """Data and weights travel through a DVC remote: push, clone, pull, byte for byte."""
 import pytest
 
-from conftest import make_project, run, write_image_folder
+from conftest import image_folder, make_project, run
 
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
@@ -14,7 +14,7 @@ def tracked_files(root):
 
 
 def test_push_clone_pull_gives_identical_data_and_weights(tmp_path):
-    images = write_image_folder(tmp_path / "images", per_class=6)
+    images = image_folder(tmp_path / "images", per_class=6)
     project = make_project(tmp_path / "project", {"data.source": str(images), "train.epochs": 1})
     run(["dvc", "repro", "train"], project)
     remote = tmp_path / "remote"

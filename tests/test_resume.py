@@ -6,21 +6,16 @@ import subprocess
 import sys
 import time
 
-import mlflow
 import pytest
 import torch
 
-from conftest import REPO, colour_folder, env, make_project, run
+from conftest import REPO, env, image_folder, logged_runs, make_project, run, use_store
 from src.networks.checkpoint import load_checkpoint, save_checkpoint
 from src.core.params import load_params
 from src.training.resume import fingerprint, load_resume
 
 HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: RESNET_TL_TEST_KILL_AT=EPOCH:BATCH kills training there
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
-
-
-def tiny_dataset(root, classes=3, per_class=30, size=20, seed=0):
-    return colour_folder(root, (per_class,) * classes, size, seed)
 
 
 # With the photo recipe's random parts on: augmentation policy, erasing, MixUp/CutMix, weight EMA.
@@ -41,7 +36,7 @@ def assert_same_weights(a, b):
 
 
 def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(tmp_path):
-    data = tiny_dataset(tmp_path / "images")
+    data = image_folder(tmp_path / "images", per_class=30)
     project = make_project(tmp_path / "project", {"data.source": str(data), **DETERMINISTIC})
     run(["dvc", "repro", "train"], project)
     uninterrupted = state_of(project / "models/resume.pt")
@@ -74,18 +69,17 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(tmp_path):
     assert [line.split(",")[0] for line in history] == ["epoch", "1", "2"]
 
     # The killed run and its continuation are one MLflow run with one value per epoch.
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["resnet-transfer"], output_format="list")
+    runs = logged_runs(project)
     assert len(runs) == 2
     continued = next(r for r in runs if r.info.run_id == final["mlflow_run_id"])
     assert continued.info.status == "FINISHED"
-    steps = mlflow.MlflowClient().get_metric_history(continued.info.run_id, "curves/val_acc")
+    steps = use_store(project).get_metric_history(continued.info.run_id, "curves/val_acc")
     assert sorted(m.step for m in steps) == [1, 2]
     assert best["mlflow_run_id"] == final["mlflow_run_id"]
 
 
 def test_resume_file_is_ignored_for_other_params_or_data(tmp_path):
-    data = tiny_dataset(tmp_path / "images", per_class=4)
+    data = image_folder(tmp_path / "images", per_class=4)
     project = make_project(tmp_path / "project", {"data.source": str(data)})
     run(["dvc", "repro", "classes"], project)
     os.chdir(project)

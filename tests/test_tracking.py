@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, env, free_port, write_image_folder
+from conftest import REPO, env, free_port, image_folder, use_store
 from src.core import tracking
 from src.networks.checkpoint import save_checkpoint
 from src.core.errors import UserError
@@ -33,7 +33,7 @@ def workspace(tmp_path, monkeypatch):
 
 def test_training_run_records_everything_and_logged_model_predicts_like_checkpoint(workspace):
     params = load_params(REPO / "params.yaml")
-    images = sorted(write_image_folder(workspace / "images", per_class=3).rglob("*.png"))
+    images = sorted(image_folder(workspace / "images", ["circle", "cross", "square"], per_class=3).rglob("*.png"))
     Path("data").mkdir()
     with open(tracking.MANIFEST, "w", newline="") as f:  # the split stage's manifest format
         csv.writer(f).writerows([["path", "label", "split", "sha256"]] +
@@ -118,7 +118,7 @@ def test_workers_creating_the_store_at_once_share_one_experiment(tmp_path):
     assert all(code == 0 for _, _, code in results), results
     ids = {out.strip().splitlines()[-1] for out, _, _ in results}
     assert len(ids) == 1
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    use_store(tmp_path)
     experiment = mlflow.get_experiment_by_name("race")
     assert experiment.experiment_id in ids
     assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
