@@ -143,17 +143,6 @@ def image_folder(dest, classes=3, per_class=12, size=20, seed=0, fmt="png"):
     return Path(dest)
 
 
-def write_image_folder(dest, classes=("circle", "square", "cross"), per_class=12, size=20, seed=0):
-    """Deprecated: image_folder with these defaults (the same pixels); test_export and test_ingest
-    still call it."""
-    return image_folder(dest, classes, per_class, size, seed)
-
-
-def colour_folder(root, per_class=(8, 8, 8), size=24, seed=0):
-    """Deprecated: image_folder(root, len(per_class), per_class, size, seed)."""
-    return image_folder(root, len(per_class), per_class, size, seed)
-
-
 def store_uri(workspace):
     """The workspace's MLflow store, where the stages log by default (sqlite:///<workspace>/mlflow.db)."""
     return f"sqlite:///{Path(workspace) / 'mlflow.db'}"
@@ -212,6 +201,7 @@ def tutorial_logits(model, ckpt, paths, batch_size=256):
     CenterCrop, ToTensor, Normalize), then the plain model: an independent check of the fast path."""
     import torch
     from PIL import Image
+
     from src.data.transforms import eval_transform
 
     transform = eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"])
@@ -228,16 +218,14 @@ def tutorial_logits(model, ckpt, paths, batch_size=256):
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory):
+def exported_project(tmp_path_factory):
     """(project, test-split manifest rows, MLflow run id): one tiny project trained and exported
     through `dvc repro export`, committed and tagged as an artifact version (what `dvc artifacts
     get` looks up); shared by the export and serving tests."""
     import csv
 
-    import mlflow
-
     root = tmp_path_factory.mktemp("export")
-    write_image_folder(root / "images", per_class=16, size=40)
+    image_folder(root / "images", ["circle", "square", "cross"], per_class=16, size=40)
     project = make_project(root / "project", {
         "data.source": str(root / "images"), "data.image_size": 32, "data.val": 0.2, "data.test": 0.25,
         "train.epochs": 4, "export.calibration_images": 16, "mlflow.register_model": "shapes"})
@@ -245,6 +233,5 @@ def exported(tmp_path_factory):
     run("git add -A && git commit -qm trained && git tag -a resnet-classifier@v0.1.0 -m v0.1.0", project)
     with open(project / "data/manifest.csv", newline="") as f:
         test = [r for r in csv.DictReader(f) if r["split"] == "test"]
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    (run_info,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    (run_info,) = logged_runs(project)
     return project, test, run_info.info.run_id

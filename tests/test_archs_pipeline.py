@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 import torchvision
+from test_pretrained import IMAGENET_RESNET18, OFFLINE
 
 from conftest import env, image_folder, run
-from test_pretrained import IMAGENET_RESNET18, OFFLINE
 
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
@@ -36,7 +36,8 @@ def test_resnext_and_efficientnet_run_as_experiments(project, images):
 def test_imagenet_pretrained_offline_fails_before_training_then_loads_from_torch_home(project, images, tmp_path):
     torch_home = tmp_path / "torch"
     offline = dict(env(), TORCH_HOME=str(torch_home), **OFFLINE)
-    overrides = ["-S", f"data.source={images}", "-S", "model.pretrained=imagenet", "-S", "model.transfer=head_first", "-S", "model.head_epochs=1"]
+    overrides = ["-S", f"data.source={images}", "-S", "model.pretrained=imagenet", "-S", "model.transfer=head_first",
+                 "-S", "model.head_epochs=1"]
 
     failed = run(["dvc", "exp", "run", "train", *overrides], project, check=False, env=offline)
     assert failed.returncode != 0

@@ -9,11 +9,18 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from src.data import images
-from src.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomResizedCropFlip, eval_crop, eval_transform, to_uint8_tensor)
-from src.data.images import open_rgb, plain_jpeg_pixels
 from src.core.device import Normalizer, RunSettings
+from src.data import images
+from src.data.images import open_rgb, plain_jpeg_pixels
 from src.data.loaders import ImageFiles
+from src.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RandomResizedCropFlip,
+    eval_crop,
+    eval_transform,
+    to_uint8_tensor,
+)
 
 
 def photo(width, height, seed=0):

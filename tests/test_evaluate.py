@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-from conftest import SHARED, image_folder, make_project, python, run, tutorial_logits, use_store
 from src.evaluate import classification_metrics
 from src.networks.checkpoint import load_trained_model
+
+from conftest import SHARED, image_folder, make_project, python, run, tutorial_logits, use_store
 
 # Seven classes (more than 5, so top-5 accuracy is reported), few tiny images: trains in seconds.
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu & co"]

@@ -11,10 +11,21 @@ import mlflow
 import pytest
 import torch
 
-from conftest import (env, free_port, image_folder, logged_runs, make_project, run, stop_server, store_uri, use_store,
-                      wait_until_answers)
-from src.networks.checkpoint import load_trained_model
 from src.core.params import flatten
+from src.networks.checkpoint import load_trained_model
+
+from conftest import (
+    env,
+    free_port,
+    image_folder,
+    logged_runs,
+    make_project,
+    run,
+    stop_server,
+    store_uri,
+    use_store,
+    wait_until_answers,
+)
 
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import env, free_port, run, stop_server, wait_until_answers
+from conftest import env, free_port, run, stop_server, store_uri, wait_until_answers
 
-CLASSES = ["circle", "cross", "square"]  # write_image_folder's, sorted
+CLASSES = ["circle", "cross", "square"]  # the exported project's, sorted
 
 
 def jpeg_base64(path):
@@ -27,8 +27,8 @@ def jpeg_base64(path):
 
 
 @pytest.mark.slow
-def test_export_json_onnx_metadata_and_the_registry_artifact(exported, tmp_path):
-    project, test, _ = exported
+def test_export_json_onnx_metadata_and_the_registry_artifact(exported_project, tmp_path):
+    project, test, _ = exported_project
     metrics = json.loads((project / "metrics/export.json").read_text())
     assert metrics["split"] == "test" and metrics["images"] == len(test) == 12
     assert metrics["onnx"]["top1_agreement"] == 1.0 and metrics["onnx"]["max_prob_diff"] <= 1e-4
@@ -43,9 +43,9 @@ def test_export_json_onnx_metadata_and_the_registry_artifact(exported, tmp_path)
 
 
 @pytest.mark.slow
-def test_registered_image_model_classifies_base64_jpegs_and_allowed_paths_and_reports_bad_inputs(exported,
+def test_registered_image_model_classifies_base64_jpegs_and_allowed_paths_and_reports_bad_inputs(exported_project,
                                                                                                    monkeypatch):
-    project, test, run_id = exported
+    project, test, run_id = exported_project
     (version,) = mlflow.MlflowClient().search_model_versions("name='shapes'")
     assert version.run_id == run_id  # the image model (it answers base64 JPEGs below), not the raw graph
     monkeypatch.setenv("RESNET_TL_SERVE_FILES", str(project / "data"))  # read when the model loads
@@ -64,14 +64,14 @@ def test_registered_image_model_classifies_base64_jpegs_and_allowed_paths_and_re
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_a_base64_jpeg_with_its_class(exported, tmp_path):
-    project, test, run_id = exported
+def test_mlflow_models_serve_answers_a_base64_jpeg_with_its_class(exported_project, tmp_path):
+    project, test, run_id = exported_project
     port = free_port()
     # From an empty folder: the served model must not need this checkout's src/.
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/image_model",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=tmp_path, env={**env(), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"},
+        cwd=tmp_path, env={**env(), "MLFLOW_TRACKING_URI": store_uri(project)},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         wait_until_answers(server, f"http://127.0.0.1:{port}/ping", "mlflow models serve")

@@ -12,8 +12,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.data.images import (FORMATS, ImageRefused, PixelBudget, check_image, decode, image_problem, is_image_name, open_image, open_rgb, to_grey8)
 from src.data.image_files import EvalPixels, eval_crop_pixels
+from src.data.images import (
+    FORMATS,
+    ImageRefused,
+    PixelBudget,
+    check_image,
+    decode,
+    image_problem,
+    is_image_name,
+    open_image,
+    open_rgb,
+    to_grey8,
+)
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -170,7 +181,8 @@ def test_empty_and_missing_inputs_get_their_own_reasons(tmp_path):
 def test_high_bit_depth_grey_is_scaled_in_float32_strips_as_in_float64_at_once():
     rng = np.random.default_rng(0)
     cases = [("I;16", rng.integers(0, 65536, (700, 600), dtype=np.uint16)),  # taller than one strip
-             ("I", rng.integers(-50, 70000, (30, 20), dtype=np.int32)), ("I", rng.integers(0, 256, (30, 20)).astype(np.int32)),
+             ("I", rng.integers(-50, 70000, (30, 20), dtype=np.int32)),
+             ("I", rng.integers(0, 256, (30, 20)).astype(np.int32)),
              ("F", rng.random((30, 20), dtype=np.float32)), ("F", rng.random((30, 20), dtype=np.float32) * 300)]
     for mode, values in cases:
         img = Image.fromarray(values, mode) if mode != "I;16" else Image.fromarray(values)

@@ -10,9 +10,15 @@ import torch
 import torch.nn as nn
 
 from src.core.device import Normalizer, RawPixels, RunSettings
-from src.inference.rewrites import (BitsReLU, MeanPaddedPixelConv, NormalizedInputConv, fold_normalization, fold_normalization_for_uint8)
 from src.data.loaders import ImageFiles, decoded_batches
 from src.inference.classify import forward, prepare_for_inference
+from src.inference.rewrites import (
+    BitsReLU,
+    MeanPaddedPixelConv,
+    NormalizedInputConv,
+    fold_normalization,
+    fold_normalization_for_uint8,
+)
 from src.networks.factory import build_model
 
 MEAN_STD = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
@@ -21,7 +27,8 @@ CPU = torch.device("cpu")
 
 def as_given(model):
     """The model run as it is: fp32, NCHW, normalised input."""
-    return lambda images: forward(model.eval(), images, RunSettings(CPU, None, False, Normalizer(**MEAN_STD, device=CPU)))
+    plain = RunSettings(CPU, None, False, Normalizer(**MEAN_STD, device=CPU))
+    return lambda images: forward(model.eval(), images, plain)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
@@ -179,7 +186,8 @@ def test_importing_the_project_shortens_openmp_spinning_unless_set():
         env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
         if preset:
             env["GOMP_SPINCOUNT"] = preset
-        out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                             check=True)
         assert out.stdout.split() == [want]
 
 

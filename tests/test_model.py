@@ -5,8 +5,8 @@ import torch.nn as nn
 import torchvision
 
 from src.core.errors import UserError
-from src.networks.resnet import FAMILY
 from src.networks.factory import build_model
+from src.networks.resnet import FAMILY
 from src.networks.transfer import head_module_name
 
 

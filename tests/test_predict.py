@@ -8,18 +8,18 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import env, make_project, python, run, set_params
-from src.networks.checkpoint import save_checkpoint
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from src.networks.checkpoint import load_trained_model
+from src.networks.checkpoint import load_trained_model, save_checkpoint
 from src.networks.factory import build_model
+
+from conftest import env, make_project, python, run, set_params
 
 CLASSES = ["ant", "bee", "cat"]
 BATCH = 4  # 9 images: two full batches and a partial one, through a decoding worker
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def checkpoint_and_images(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     project = make_project(root / "project", {"predict.precision": "fp32", "predict.workers": 1,
                                                        "predict.backend": "torch"})
@@ -52,8 +52,8 @@ def predict(project, *args, **variables):
     return run([python(), "-m", "src.predict", *map(str, args)], project, check=False, env={**env(), **variables})
 
 
-def test_folder_gives_one_correct_row_per_image(setup):
-    project, model, images = setup
+def test_folder_gives_one_correct_row_per_image(checkpoint_and_images):
+    project, model, images = checkpoint_and_images
     result = predict(project, images, "--model", model, "--batch-size", BATCH, "--top-k", 2)
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
@@ -69,8 +69,8 @@ def test_folder_gives_one_correct_row_per_image(setup):
         assert row["error"] == ""
 
 
-def test_unreadable_files_get_error_rows_and_the_rest_continue(setup):
-    project, model, images = setup
+def test_unreadable_files_get_error_rows_and_the_rest_continue(checkpoint_and_images):
+    project, model, images = checkpoint_and_images
     bad = images.parent / "bad"
     bad.mkdir(exist_ok=True)
     (bad / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
@@ -95,8 +95,8 @@ def test_unreadable_files_get_error_rows_and_the_rest_continue(setup):
         assert row["probability"] == pytest.approx(probs.max().item(), abs=1e-5)
 
 
-def test_glob_and_picture(setup):
-    project, model, images = setup
+def test_glob_and_picture(checkpoint_and_images):
+    project, model, images = checkpoint_and_images
     picture = project / "picture.png"
     result = predict(project, f"{images}/**/*.jpg", "--model", model, "--format", "json", "--picture", picture)
     assert result.returncode == 0, result.stderr
@@ -106,8 +106,8 @@ def test_glob_and_picture(setup):
         assert img.format == "PNG" and img.width > 200
 
 
-def test_no_images_is_one_line_error(setup):
-    project, model, images = setup
+def test_no_images_is_one_line_error(checkpoint_and_images):
+    project, model, images = checkpoint_and_images
     empty = images.parent / "empty"
     empty.mkdir(exist_ok=True)
     result = predict(project, empty, "--model", model)
@@ -116,8 +116,8 @@ def test_no_images_is_one_line_error(setup):
 
 
 @pytest.mark.slow
-def test_compiled_model_gives_the_same_rows_and_a_missing_compiler_only_warns(setup, tmp_path):
-    project, model, images = setup
+def test_compiled_model_gives_the_same_rows_and_a_missing_compiler_only_warns(checkpoint_and_images, tmp_path):
+    project, model, images = checkpoint_and_images
     common = (images, "--model", model, "--batch-size", BATCH)
     eager = predict(project, *common, "--compile", "false")
     assert eager.returncode == 0, eager.stderr
@@ -138,21 +138,21 @@ def test_compiled_model_gives_the_same_rows_and_a_missing_compiler_only_warns(se
 
 
 @pytest.fixture(scope="module")
-def exported(setup):
-    """The setup's checkpoint exported beside itself (model.onnx, model.int8.onnx), as the stage does."""
+def checkpoint_with_onnx(checkpoint_and_images):
+    """The checkpoint exported beside itself (model.onnx, model.int8.onnx), as the stage does."""
     from src.shipping.onnx_export import export_onnx, quantize_int8, set_metadata
-    project, model_path, images = setup
+    project, model_path, images = checkpoint_and_images
     model, ckpt = load_trained_model(model_path)
     export_onnx(model, ckpt, model_path, model_path.with_suffix(".onnx"))
     calibration = [np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in
                              sorted(images.rglob("img_*"))])]
     quantize_int8(model, ckpt, model_path, model_path.with_suffix(".int8.onnx"), calibration)
     set_metadata(model_path.with_suffix(".int8.onnx"), {"top1_agreement_vs_fp32": "1.0"})
-    return setup
+    return checkpoint_and_images
 
 
-def test_onnx_backends_give_the_torch_rows_and_keep_error_rows(exported):
-    project, model, images = exported
+def test_onnx_backends_give_the_torch_rows_and_keep_error_rows(checkpoint_with_onnx):
+    project, model, images = checkpoint_with_onnx
     folder = images.parent / "with_bad"
     folder.mkdir(exist_ok=True)
     for p in sorted(images.rglob("img_*")):
@@ -175,8 +175,8 @@ def test_onnx_backends_give_the_torch_rows_and_keep_error_rows(exported):
     assert "(int8)" in predict(project, *common, "--backend", "auto").stderr
 
 
-def test_onnx_backends_never_import_torch_and_give_an_image_over_data_max_pixels_an_error_row(exported):
-    project, model, images = exported
+def test_onnx_backends_never_import_torch_and_give_an_image_over_data_max_pixels_an_error_row(checkpoint_with_onnx):
+    project, model, images = checkpoint_with_onnx
     big = images.parent / "big.png"
     Image.new("RGB", (60, 60), (250, 20, 20)).save(big)
     files = [images / "img_1.jpg", big]  # 40 x 31 px, resized to 47 x 37 for the model; 60 x 60 px
@@ -196,9 +196,9 @@ def test_onnx_backends_never_import_torch_and_give_an_image_over_data_max_pixels
         set_params(project, {"data.max_pixels": 120_000_000, "predict.workers": 1})
 
 
-def test_auto_backend_runs_torch_when_int8_agreed_too_little(exported, tmp_path):
+def test_auto_backend_runs_torch_when_int8_agreed_too_little(checkpoint_with_onnx, tmp_path):
     from src.shipping.onnx_export import set_metadata
-    project, model, images = exported
+    project, model, images = checkpoint_with_onnx
     for suffix in (".pt", ".onnx", ".int8.onnx"):
         (tmp_path / f"model{suffix}").write_bytes(model.with_suffix(suffix).read_bytes())
     set_metadata(tmp_path / "model.int8.onnx", {"top1_agreement_vs_fp32": "0.95"})
@@ -206,8 +206,8 @@ def test_auto_backend_runs_torch_when_int8_agreed_too_little(exported, tmp_path)
     assert result.returncode == 0 and "(torch)" in result.stderr, result.stderr
 
 
-def test_onnx_backend_refuses_a_file_exported_from_another_checkpoint(exported, tmp_path):
-    project, model, images = exported
+def test_onnx_backend_refuses_a_file_exported_from_another_checkpoint(checkpoint_with_onnx, tmp_path):
+    project, model, images = checkpoint_with_onnx
     other = tmp_path / "model.pt"
     (tmp_path / "model.onnx").write_bytes(model.with_suffix(".onnx").read_bytes())
     torch.save(torch.load(model, weights_only=True) | {"note": "retrained"}, other)
@@ -217,14 +217,15 @@ def test_onnx_backend_refuses_a_file_exported_from_another_checkpoint(exported, 
     assert missing.returncode == 2 and "dvc repro export" in missing.stderr
 
 
-def test_int8_model_reads_the_pixels_straight_into_its_first_conv(exported, tmp_path):
+def test_int8_model_reads_the_pixels_straight_into_its_first_conv(checkpoint_with_onnx, tmp_path):
     """No normalising or casting before the first quantised conv; a network whose input is not
     a plain conv's alone keeps the fp32 normalisation in the graph and still classifies."""
     import onnx
     import torch.nn as nn
-    from src.shipping.onnx_runtime import OnnxClassifier
+
     from src.shipping.onnx_export import export_onnx, quantize_int8
-    _, model_path, _ = exported
+    from src.shipping.onnx_runtime import OnnxClassifier
+    _, model_path, _ = checkpoint_with_onnx
     ops = lambda path: {node.op_type for node in onnx.load(str(path)).graph.node}  # noqa: E731
     assert {"Cast", "Mul", "Add"} <= ops(model_path.with_suffix(".onnx"))
     assert not {"Cast", "Mul"} & ops(model_path.with_suffix(".int8.onnx"))
@@ -250,8 +251,8 @@ def test_int8_model_reads_the_pixels_straight_into_its_first_conv(exported, tmp_
     assert np.abs(got - want).max() < 0.02 and (got.argmax(1) == want.argmax(1)).mean() >= 0.75
 
 
-def test_explain_writes_one_overlay_per_readable_image(setup):
-    project, model, images = setup
+def test_explain_writes_one_overlay_per_readable_image(checkpoint_and_images):
+    project, model, images = checkpoint_and_images
     out = project / "explained"
     inputs = [*sorted(images.rglob("img_*.jpg")), images / "missing.png"]
     result = predict(project, *inputs, "--model", model, "--explain", out)
@@ -263,13 +264,14 @@ def test_explain_writes_one_overlay_per_readable_image(setup):
             assert img.size == (32, 32) and img.mode == "RGB"
 
 
-def test_image_model_gives_error_rows_for_bad_inputs_and_the_onnx_classes_for_good_ones(exported):
+def test_image_model_gives_error_rows_for_bad_inputs_and_the_onnx_classes_for_good_ones(checkpoint_with_onnx):
     import base64
 
     import pandas as pd
+
     from src.shipping.onnx_runtime import OnnxClassifier
     from src.shipping.serving import FILES, ImageClassifier
-    project, model_path, images = exported
+    project, model_path, images = checkpoint_with_onnx
     good = sorted(images.rglob("img_*"))[:4]
     inputs = [base64.b64encode(good[0].read_bytes()).decode(), str(good[1]), "####", "",
               base64.b64encode(b"GIF89a but broken").decode(), base64.b64encode(good[2].read_bytes()).decode(),

@@ -8,15 +8,16 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from test_model import randomize_bn
 
-from conftest import REPO, env
-from src.networks.checkpoint import save_checkpoint
 from src.core.errors import UserError
+from src.core.params import load_params
+from src.networks.checkpoint import save_checkpoint
 from src.networks.pretrained import normalization
 from src.networks.transfer import create_model, set_transfer_phase
-from src.core.params import load_params
 from src.training.trainer import make_optimizer
-from test_model import randomize_bn
+
+from conftest import REPO, env
 
 IMAGENET_RESNET18 = "resnet18-f37072fd.pth"  # the file name in torchvision's URL for resnet18's weights
 # Any download goes through this proxy, a port nobody listens on: "offline", even on a machine with internet.

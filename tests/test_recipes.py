@@ -11,17 +11,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from benchmarks import recipe as recipe_benchmark
-from conftest import REPO, image_folder, make_project, python, run, set_params
-from src.networks.checkpoint import load_checkpoint
-from src.data.transforms import POLICIES, train_transform
 from src.core.device import Normalizer, RunSettings
 from src.data.loaders import ImageFiles
+from src.data.transforms import POLICIES, train_transform
 from src.inference.classify import classify_files, forward, prepare_for_inference
+from src.networks.checkpoint import load_checkpoint
 from src.networks.resnet import resnet18
 from src.split import class_imbalance
 from src.training.ema import WeightEma
 from src.training.schedule import EpochPlan
 from src.training.trainer import class_weights, make_mix, make_trainer
+
+from conftest import REPO, image_folder, make_project, python, run, set_params
 
 CPU = torch.device("cpu")
 

@@ -9,10 +9,11 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, env, image_folder, logged_runs, make_project, run, use_store
-from src.networks.checkpoint import load_checkpoint, save_checkpoint
 from src.core.params import load_params
+from src.networks.checkpoint import load_checkpoint, save_checkpoint
 from src.training.resume import fingerprint, load_resume
+
+from conftest import REPO, env, image_folder, logged_runs, make_project, run, use_store
 
 HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: RESNET_TL_TEST_KILL_AT=EPOCH:BATCH kills training there
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out

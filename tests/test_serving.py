@@ -17,8 +17,9 @@ from typing import NamedTuple
 import pytest
 from PIL import Image
 
-from conftest import env, free_port, stop_server, wait_until_answers
 from src.shipping.serving import DEFAULTS, FILES, MAX_BYTES, MAX_PIXELS, MAX_ROWS
+
+from conftest import env, free_port, stop_server, store_uri, wait_until_answers
 from test_images import zeros_png
 
 MAX_BYTES_HERE = 1_000_000  # below the default, so a test needs no 20 MB request
@@ -34,8 +35,8 @@ class Server(NamedTuple):
 
 
 @pytest.fixture(scope="module", params=["bytes only", "files allowed"])
-def server(request, exported, tmp_path_factory):
-    project, test, run_id = exported
+def server(request, exported_project, tmp_path_factory):
+    project, test, run_id = exported_project
     root = tmp_path_factory.mktemp("serving")
     allowed, outside = root / "allowed", root / "outside"
     allowed.mkdir()
@@ -53,7 +54,7 @@ def server(request, exported, tmp_path_factory):
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/image_model",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=root, env={**env(), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", **variables},
+        cwd=root, env={**env(), "MLFLOW_TRACKING_URI": store_uri(project), **variables},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         wait_until_answers(process, f"http://127.0.0.1:{port}/ping", "mlflow models serve")

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_ingest import one_line_error, stage
 
 from conftest import SHARED, make_project, run
 from test_images import write_bad_files, write_mode_images
-from test_ingest import one_line_error, stage
 
 SEEDED = np.random.default_rng(0)
 
@@ -209,8 +209,8 @@ def test_hymenoptera_keeps_its_split(tmp_path):
 
 
 def test_checkpoint_with_other_classes_is_refused(tmp_path):
-    from src.data.manifest import check_same_classes
     from src.core.errors import UserError
+    from src.data.manifest import check_same_classes
 
     index = tmp_path / "class_indices.json"
     index.write_text(json.dumps({"0": "café crème", "1": "mouettes rieuses"}), encoding="utf-8")

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, env, free_port, image_folder, use_store
 from src.core import tracking
-from src.networks.checkpoint import save_checkpoint
 from src.core.errors import UserError
-from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from src.networks.checkpoint import load_trained_model
-from src.networks.factory import build_model
 from src.core.params import flatten, load_params
+from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from src.networks.checkpoint import load_trained_model, save_checkpoint
+from src.networks.factory import build_model
+
+from conftest import REPO, env, free_port, image_folder, use_store
 
 
 @pytest.fixture
@@ -67,7 +67,8 @@ def test_training_run_records_everything_and_logged_model_predicts_like_checkpoi
     assert logged.data.metrics["test/accuracy"] == 0.75 and not any("cross" in k for k in logged.data.metrics)
     per_class = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/per_class_metrics.json")
     assert per_class["columns"] == ["class", "f1", "support"] and per_class["data"] == [["cross", 1.0, 3]]
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "curves/val_acc")] == [(1, 0.25), (2, 0.5)]
+    val_acc = client.get_metric_history(run.info.run_id, "curves/val_acc")
+    assert [(m.step, m.value) for m in val_acc] == [(1, 0.25), (2, 0.5)]
     dataset = logged.inputs.dataset_inputs[0].dataset
     assert dataset.name == params["data"]["source"] and dataset.digest == digest[:36]
 
@@ -112,8 +113,9 @@ print(tracking.setup("race"))
 def test_workers_creating_the_store_at_once_share_one_experiment(tmp_path):
     """What two `dvc queue start -j 2` workers do on their first run: no migration race, one experiment."""
     start = str(time.time() + 10)
-    procs = [subprocess.Popen([sys.executable, "-c", SETUP_AT, start], cwd=REPO, env={**env(), "DVC_ROOT": str(tmp_path)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", SETUP_AT, start], cwd=REPO,
+                              env={**env(), "DVC_ROOT": str(tmp_path)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
     results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
     assert all(code == 0 for _, _, code in results), results
     ids = {out.strip().splitlines()[-1] for out, _, _ in results}

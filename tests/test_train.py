@@ -4,14 +4,15 @@ import math
 import pytest
 import torch
 
-from conftest import python, run, set_params, tutorial_logits
-from src.data.manifest import read_manifest
-from src.core.errors import UserError
 from src.core.device import cpu_has_bf16, pick_precision, use_channels_last
+from src.core.errors import UserError
+from src.data.manifest import read_manifest
 from src.networks.checkpoint import load_trained_model
 from src.networks.resnet import resnet18
 from src.training.schedule import EpochPlan, make_scheduler
 from src.training.trainer import make_optimizer
+
+from conftest import python, run, set_params, tutorial_logits
 
 CFG = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
        "decay_bn_and_bias": False, "scheduler": "cosine", "warmup_epochs": 1, "epochs": 4, "step_size": 2,
