@@ -277,7 +277,7 @@ def test_stage_start_removes_a_killed_runs_scratch_but_not_a_live_ones(tmp_path)
 
 
 def test_data_raw_is_swapped_in_one_step(tmp_path):
-    from src.ingest import exchange, replace_folder
+    from src.core.files import exchange, replace_folder
 
     new, target = tmp_path / "new", tmp_path / "raw"
     new.mkdir()

@@ -1,6 +1,8 @@
 """Files written so that a crash never leaves half of one: atomic writes, locked scratch files,
 and the clean-up of those a killed run left behind."""
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -109,3 +111,36 @@ def read_json(path):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} not found: run the stage that writes it first (`dvc repro`)") from None
+
+
+def exchange(a, b):
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE, macOS renamex_np RENAME_SWAP);
+    False where the system or filesystem can't."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if hasattr(libc, "renameat2"):
+        at_fdcwd, rename_exchange = -100, 2
+        rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    elif hasattr(libc, "renamex_np"):
+        rename_swap = 2
+        rc = libc.renamex_np(os.fsencode(a), os.fsencode(b), rename_swap)
+    else:
+        return False
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_folder(new, target):
+    """Put the folder `new` at `target`; afterwards `new` holds the old `target`, if there was one."""
+    if not target.exists():
+        new.rename(target)
+    elif not exchange(new, target):
+        # Two renames: a kill between them leaves no target, so DVC reruns ingest, which starts
+        # over (the old folder held only what ingest wrote: DVC has it in its cache).
+        aside = new.with_name(new.name.removesuffix(SCRATCH_SUFFIX) + ".old" + SCRATCH_SUFFIX)
+        target.rename(aside)
+        new.rename(target)
+        aside.rename(new)
