@@ -23,8 +23,9 @@ repro: install
 lint: install
 	ruff check .
 
+# --durations: the slowest tests, so a slower suite shows where the time went
 test: install
-	python -m pytest -q tests
+	python -m pytest -q --durations=20 tests
 
 # The edit loop: everything but the tests that train through real dvc (under 3 minutes).
 test-fast: install

@@ -115,6 +115,9 @@ def python():
     return sys.executable
 
 
+SHAPES = ["circle", "square", "cross"]  # class names of the shape-like folders several tests share
+
+
 def image_folder(dest, classes=3, per_class=12, size=20, seed=0, fmt="png"):
     """A tiny photo-like dataset: dest/<class>/<class>_<i>.<fmt>, every image distinct (per-image noise).
 
@@ -225,7 +228,7 @@ def exported_project(tmp_path_factory):
     import csv
 
     root = tmp_path_factory.mktemp("export")
-    image_folder(root / "images", ["circle", "square", "cross"], per_class=16, size=40)
+    image_folder(root / "images", SHAPES, per_class=16, size=40)
     project = make_project(root / "project", {
         "data.source": str(root / "images"), "data.image_size": 32, "data.val": 0.2, "data.test": 0.25,
         "train.epochs": 4, "export.calibration_images": 16, "mlflow.register_model": "shapes"})

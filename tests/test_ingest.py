@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import REPO, env, image_folder, make_project, python, run, set_params
+from conftest import REPO, SHAPES, env, image_folder, make_project, python, run, set_params
 
 
 def stage(folder, module, overrides=None):
@@ -121,7 +121,7 @@ def test_local_folder_is_mirrored_without_touching_the_originals(tmp_path):
 def test_dvc_keeps_one_copy_of_the_photos_beside_the_originals(tmp_path):
     """After `dvc repro`, data/raw and DVC's cache are one set of files (hard links), the user's
     photos are untouched and writable, and DVC sees nothing changed."""
-    source = image_folder(tmp_path / "photos", per_class=4)
+    source = image_folder(tmp_path / "photos", SHAPES, per_class=4)
     project = make_project(tmp_path / "project", {"data.source": str(source)})
     run(["dvc", "repro", "ingest"], project)
     raw = sorted(p for p in (project / "data/raw").rglob("*") if p.is_file() and p.parent != project / "data/raw")

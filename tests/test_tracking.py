@@ -103,7 +103,7 @@ def test_unreachable_tracking_server_fails_at_once_with_one_line(workspace, monk
 
 SETUP_AT = """
 import sys, time
-from src import tracking
+from src.core import tracking
 time.sleep(max(0.0, float(sys.argv[1]) - time.time()))  # all processes reach the fresh store together
 print(tracking.setup("race"))
 """

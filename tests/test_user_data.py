@@ -22,7 +22,7 @@ from src.core.files import remove_stale_scratch, scratch
 from src.data import archives
 from src.data.download import download
 
-from conftest import REPO, env, image_folder, make_project, python, run, set_params
+from conftest import REPO, SHAPES, env, image_folder, make_project, python, run, set_params
 
 LINK = archives.LINK_REASON
 
@@ -44,7 +44,7 @@ def dvc_error(result):
 @pytest.fixture
 def ingested(tmp_path):
     """A project whose data/raw came from a folder of photos through `dvc repro ingest`."""
-    photos = image_folder(tmp_path / "photos", per_class=4)
+    photos = image_folder(tmp_path / "photos", SHAPES, per_class=4)
     project = make_project(tmp_path / "project", {"data.source": str(photos)})
     run(["dvc", "repro", "ingest"], project)
     return project, photos
@@ -84,7 +84,7 @@ def test_a_source_dvc_manages_or_holding_the_project_stops_with_one_line(ingeste
 
 
 def test_links_and_hidden_files_of_a_folder_are_skipped_and_reported(tmp_path):
-    source = image_folder(tmp_path / "photos", per_class=4)
+    source = image_folder(tmp_path / "photos", SHAPES, per_class=4)
     (tmp_path / "private.png").write_bytes((source / "circle/circle_00.png").read_bytes())
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere/x.png").write_bytes(b"x")
@@ -349,8 +349,8 @@ def test_credentials_come_from_netrc_and_never_follow_a_redirect(tmp_path):
 
 def test_a_data_raw_without_ingests_record_is_kept_until_the_user_says(tmp_path):
     project = tmp_path / "p"
-    image_folder(project / "data/raw", per_class=4)  # an older ingest's copy, or photos put there by hand
+    image_folder(project / "data/raw", SHAPES, per_class=4)  # an older ingest's copy, or photos put there by hand
     before = snapshot(project / "data/raw")
-    source = image_folder(tmp_path / "photos", per_class=4, seed=1)
+    source = image_folder(tmp_path / "photos", SHAPES, per_class=4, seed=1)
     one_line_error(stage(project, "ingest", {"data.source": str(source)}), "no record", "delete data/raw")
     assert snapshot(project / "data/raw") == before
