@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
+from PIL import Image
 
 from src.core.errors import UserError, first_line
 
@@ -97,7 +98,7 @@ crop_range.allowed = "[min, max] with 0 < min <= max <= 1"
 MAX_EPOCHS = 100_000
 MAX_BATCH = 65_536
 MAX_WORKERS = 1024
-PILLOW_MAX_PIXELS = 178_956_970  # Pillow refuses bigger images whatever we allow (2 x Image.MAX_IMAGE_PIXELS)
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses bigger images whatever we allow
 SCHEMA = {
     "arch": text,  # checked against the model registry when the model is built
     "seed": integer(0, 2**32 - 1),  # numpy's seed range; torch takes up to 2**64 - 1 (seed + rank, + epoch)
