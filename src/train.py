@@ -36,6 +36,7 @@ from src.inference.classify import classify_files
 from src.networks.checkpoint import load_trained_model
 from src.networks.pretrained import normalization
 from src.networks.transfer import create_model, set_transfer_phase
+from src.search.report import TrialReport
 from src.training.distributed import check_ranks_agree, gather_rng_states, init_distributed, sync_buffers
 from src.training.resume import Progress
 from src.training.schedule import EpochPlan
@@ -149,8 +150,10 @@ def main():
               f"{len(val[1])} val images, {len(class_names)} classes" + progress.resuming_note())
     # The clock of train.time_budget and train_seconds; a resumed run adds the time it had.
     started = time.time() - plan.elapsed_before(progress.history)
+    trial = TrialReport.from_env() if dist.world_size == 1 else None  # a trial of `python -m src.tune`
     # Opened before the first epoch so an unreachable tracking server fails fast.
-    with (tracking.start_training_run(params, read_json(DATA_REPORT)["dataset_digest"], run_id=progress.run_id)
+    with (tracking.start_training_run(params, read_json(DATA_REPORT)["dataset_digest"], run_id=progress.run_id,
+                                      tags=trial.tags() if trial else None)
           if dist.is_main else contextlib.nullcontext()) as mlflow_run:
         progress.begin(mlflow_run.info.run_id if dist.is_main else None)
         epoch = progress.next_epoch
@@ -175,6 +178,10 @@ def main():
             stop = progress.end_epoch(row, model, trainer, generator, gather_rng_states(dist))
             if dist.is_main:
                 tracking.log_epoch(row)
+            if trial and not stop and trial.should_stop(progress.history):
+                print(f"train: pruned by the study after epoch {epoch} (a trial far behind the others)")
+                tracking.set_tags({"tune.state": "pruned"})
+                stop = True
             if stop:
                 break
             epoch += 1

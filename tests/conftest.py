@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -14,7 +15,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
-PROJECT_FILES = ["src", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"]
+PROJECT_FILES = ["src", "dvc.yaml", "params.yaml", "tune.yaml", ".dvcignore", ".gitignore", ".dvc/config",
+                 ".dvc/.gitignore"]
 
 # MLflow models this project logs (the pt2 network, the models-from-code image model) load without
 # unpickling anything: every MLflow load in the tests, in process or in a server, proves it.
@@ -238,3 +240,36 @@ def exported_project(tmp_path_factory):
         test = [r for r in csv.DictReader(f) if r["split"] == "test"]
     (run_info,) = logged_runs(project)
     return project, test, run_info.info.run_id
+
+
+def postgres_bin():
+    """PostgreSQL's server binaries (Debian puts them in /usr/lib/postgresql/<version>/bin)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or (
+        [Path(shutil.which("initdb"))] if shutil.which("initdb") else [])
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on 127.0.0.1 in a temporary folder, for the session. It refuses to run
+    as root, so under root it runs as the `postgres` user. Yields a function: database name -> URL."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.fail("PostgreSQL's server binaries are missing: `make test` installs them (Debian's postgresql)")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="resnet-tl-pg-", dir="/tmp"))  # not under root's 0700 pytest folder
+    if as_user:
+        shutil.chown(folder, "postgres", "postgres")
+    port = free_port()
+    run([*as_user, bin_dir / "initdb", "-A", "trust", "-U", "postgres", "-D", folder / "data"], folder)
+    run([*as_user, bin_dir / "pg_ctl", "-D", folder / "data", "-l", folder / "log", "-w", "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start"], folder)
+
+    def database(name):
+        run([bin_dir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name], folder)
+        return f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}"
+    try:
+        yield database
+    finally:
+        run([*as_user, bin_dir / "pg_ctl", "-D", folder / "data", "-m", "fast", "stop"], folder, check=False)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -222,15 +222,19 @@ _Loader.add_implicit_resolver(
 )
 
 
-def load_params(path="params.yaml"):
+def read_yaml(path, missing="run the stages from the repository root"):
+    """A YAML file as params.yaml is read (1e-4 is a float); one line if it is missing or broken."""
     path = Path(path)
     try:
-        params = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except FileNotFoundError:
-        raise UserError(f"{path} not found: run the stages from the repository root") from None
+        raise UserError(f"{path} not found: {missing}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML: {first_line(e)}") from None
-    return validate(params)
+
+
+def load_params(path="params.yaml"):
+    return validate(read_yaml(path))
 
 
 def flatten(params, prefix="", sep="."):

@@ -121,18 +121,26 @@ def log_dataset(source, dataset_digest):
         mlflow.log_input(dataset, context="training")
 
 
-def start_training_run(params, dataset_digest, run_id=None):
+def start_training_run(params, dataset_digest, run_id=None, tags=None):
     """Open the MLflow run for one training (or reopen `run_id` when resuming); logs params.
+    `tags`: more tags for a new run (a search's study and trial).
 
     Use as a context manager: `with start_training_run(...) as run:`.
     """
     experiment_id = setup(params["mlflow"]["experiment"])
     if run_id:
-        return mlflow.start_run(run_id=run_id)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(), tags=run_tags(dataset_digest))
+        run = mlflow.start_run(run_id=run_id)
+        mlflow.set_tags(tags or {})  # a resumed search trial runs under its new trial number
+        return run
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(),
+                           tags={**run_tags(dataset_digest), **(tags or {})})
     mlflow.log_params(flatten(params))
     log_dataset(params["data"]["source"], dataset_digest)
     return run
+
+
+def set_tags(tags):
+    mlflow.set_tags(tags)
 
 
 def log_epoch(row):

@@ -1,0 +1,151 @@
+"""The search (`python -m src.tune`): Optuna trials as DVC experiments and MLflow runs, pruned per
+epoch, shared by workers in separate clones through one PostgreSQL database."""
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from src.core.errors import UserError
+from src.search.space import load_space
+from tests.conftest import copy_project, env, logged_runs, python, run
+
+GOOD, BAD = 0.002, 30.0  # Adam at lr 30 never learns: its curve is far behind from the first epoch
+
+
+def write_space(project, **overrides):
+    cfg = {"study": "t", "trials": 3, "sampler": {"startup_trials": 10, "seed": 0},
+           "pruner": {"startup_trials": 1, "warmup": 0.2}, "fixed": {"train.epochs": 5},
+           "space": {"train.lr": [GOOD, BAD]}, **overrides}
+    (project / "tune.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def tune(project, *args, **kwargs):
+    return run([python(), "-m", "src.tune", *args], project, **kwargs)
+
+
+def experiments(project):
+    out = run(["dvc", "exp", "list", "--all-commits", "--name-only"], project).stdout
+    return set(out.split())
+
+
+def trials(url, study="t"):
+    return optuna.load_study(study_name=study, storage=url).get_trials()
+
+
+def tagged_runs(project):
+    return {r.data.tags["tune.trial"]: r for r in logged_runs(project) if "tune.trial" in r.data.tags}
+
+
+@pytest.mark.slow
+def test_two_workers_in_two_clones_share_one_postgres_study_without_running_a_trial_twice(
+        digits_prepared, tmp_path, postgres):
+    url = postgres("study_two_workers")
+    clones = [copy_project(digits_prepared, tmp_path / f"clone{i}") for i in range(2)]
+    for clone in clones:
+        write_space(clone, trials=4, fixed={"train.epochs": 2}, space={"train.lr": {"low": 1e-3, "high": 3e-3}},
+                    pruner={"startup_trials": 99})
+    workers = [subprocess.Popen([python(), "-m", "src.tune", "--storage", url], cwd=clone, env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for clone in clones]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+
+    done = trials(url)
+    assert sorted(t.number for t in done) == [0, 1, 2, 3]
+    assert {t.state for t in done} == {optuna.trial.TrialState.COMPLETE}
+    names = [experiments(clone) & {f"t-{n}" for n in range(4)} for clone in clones]
+    assert names[0] | names[1] == {"t-0", "t-1", "t-2", "t-3"} and not names[0] & names[1]
+    assert names[0] and names[1], outputs  # both workers took trials
+    for clone, mine in zip(clones, names):
+        runs = tagged_runs(clone)
+        assert {f"t-{n}" for n in runs} == mine
+        for number, mlflow_run in runs.items():
+            assert mlflow_run.info.run_name == f"t-{number}" and mlflow_run.data.tags["tune.study"] == "t"
+            value = next(t.value for t in done if t.number == int(number))
+            assert mlflow_run.data.metrics["best_val_acc"] == pytest.approx(value)
+
+
+def wait_for(condition, what, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def reported_epochs(project, number):
+    """Intermediate values of trial `number` in the local study file (read without Optuna's caching)."""
+    with sqlite3.connect(project / "tune.db") as db:
+        return db.execute("SELECT COUNT(*) FROM trial_intermediate_values v JOIN trials t USING (trial_id) "
+                          "WHERE t.number = ?", (number,)).fetchone()[0]
+
+
+@pytest.mark.slow
+def test_local_study_prunes_the_bad_arm_survives_ctrl_c_and_its_best_params_train_with_dvc_repro(digits_project):
+    project = digits_project
+    params_file = project / "params.yaml"
+    params_file.write_text("# a user's comment\n" + params_file.read_text())
+    # trial 0 good, trial 1 clearly bad (pruned), trial 2 good again (interrupted by Ctrl-C, then rerun)
+    write_space(project, start_from=[{"train.lr": GOOD}, {"train.lr": BAD}, {"train.lr": GOOD}],
+                fixed={"train.epochs": 4})
+    worker = subprocess.Popen([python(), "-m", "src.tune"], cwd=project, env=env(), start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (project / "tune.db").exists() and reported_epochs(project, 2) > 0, "trial 2's first epoch")
+    os.killpg(worker.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the worker, dvc and the training
+    out = worker.communicate(timeout=120)[0]
+    assert worker.returncode == 130, out
+    assert "rerun `python -m src.tune` to continue" in out
+
+    tune(project)  # continues the study: the interrupted trial's params run again as trial 3
+    url = f"sqlite:///{project / 'tune.db'}"
+    by_number = {t.number: t for t in trials(url)}
+    states = {n: t.state.name for n, t in by_number.items()}
+    assert states == {0: "COMPLETE", 1: "PRUNED", 2: "FAIL", 3: "COMPLETE"}
+    assert by_number[2].user_attrs["interrupted"] and by_number[3].params == {"train.lr": GOOD}
+    pruned = by_number[1]
+    assert pruned.user_attrs["pruned_at_epoch"] < 4  # stopped before its epochs ended
+    assert experiments(project) >= {"t-0", "t-1", "t-3"}
+    runs = tagged_runs(project)
+    assert runs["1"].data.tags["tune.state"] == "pruned" and runs["1"].info.status == "FINISHED"
+    curve = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}").get_metric_history(
+        runs["1"].info.run_id, "curves/val_acc")
+    assert len(curve) == pruned.user_attrs["pruned_at_epoch"]  # its curve kept up to where it stopped
+
+    best = tune(project, "--best", "--apply").stdout
+    assert "best: trial 0" in best or "best: trial 3" in best
+    assert (project / "metrics/tune/trials.csv").read_text().count("\n") == 5
+    assert (project / "metrics/tune/history.png").stat().st_size > 0
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["train"]["lr"] == GOOD and params["train"]["epochs"] == 4
+    assert "# a user's comment" in (project / "params.yaml").read_text()  # kept
+    run(["dvc", "repro", "train"], project)  # trains them (or, as here, DVC restores trial 0's identical run)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["lr"] == GOOD
+    assert run(["dvc", "status", "train"], project).stdout.strip().endswith("up to date.")
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"train.lrate": [0.1]}, "space.train.lrate: unknown param 'train.lrate'"),
+    ({"train.lr": {"low": 0.1, "high": 0.01}}, "space.train.lr: empty range: low=0.1 must be below high=0.01"),
+    ({"arch": []}, "space.arch: an empty list of choices"),
+    ({"train.optimizer": ["adam", "lion"]}, "space.train.optimizer: train.optimizer='lion' is not allowed"),
+    ({"train.lr": {"low": 0, "high": 0.1, "log": True}}, "space.train.lr: a log range needs low > 0"),
+    ({"train.lr": {"min": 0.1, "max": 1}}, "space.train.lr: give a list of choices or {low, high}"),
+])
+def test_a_bad_space_entry_is_one_line_naming_it(tmp_path, space, message):
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump({"study": "s", "trials": 2, "space": space}))
+    with pytest.raises(UserError) as caught:
+        load_space(path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_default_space_is_valid_and_starts_from_the_readme_recipe():
+    cfg = load_space("tune.yaml")
+    assert cfg["fixed"]["train.time_budget"] == 3 and cfg["start_from"][0]["data.image_size"] == 80
