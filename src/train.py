@@ -37,19 +37,27 @@ from src.networks.checkpoint import load_trained_model
 from src.networks.pretrained import normalization
 from src.networks.transfer import create_model, set_transfer_phase
 from src.search.report import TrialReport
-from src.training.distributed import check_ranks_agree, gather_rng_states, init_distributed, sync_buffers
-from src.training.resume import Progress
+from src.training.distributed import (
+    any_rank,
+    check_ranks_agree,
+    gather_shards,
+    init_distributed,
+    rank0_values,
+    sync_buffers,
+)
+from src.training.resume import Progress, gather_rng_states
 from src.training.schedule import EpochPlan
 from src.training.trainer import make_trainer, train_one_epoch
 
 CACHE_LIMIT = 20_000  # cache decoded images in memory below this many (train.cache_images=auto)
 
 
-def load_data(params, class_names, device, processes_per_machine=1):
-    """(train dataset, val images and labels, loader workers).
+def load_data(params, class_names, device, dist):
+    """(train dataset, val images (this rank's share) and all val labels, loader workers).
 
     The val images are read exactly as evaluate reads them (`ImageFiles`), so the val accuracy
     that picks the best epoch is the one evaluate reports for these weights on the same split.
+    Under torchrun each rank reads every world_size-th val image (`evaluate` reassembles them).
     """
     data, cfg = params["data"], params["train"]
     rows = read_manifest()
@@ -62,20 +70,27 @@ def load_data(params, class_names, device, processes_per_machine=1):
     augment = train_transform(data["image_size"], cfg["crop_scale"], cfg["hflip"], cfg["augment"],
                               cfg["random_erasing"])
     train_set = ImageListDataset(train_paths, train_labels, augment, cache, side)
-    val = (ImageFiles(val_paths, data["image_size"], keep=cache), torch.tensor(val_labels, dtype=torch.long))
+    val = (ImageFiles(val_paths[dist.rank::dist.world_size], data["image_size"], keep=cache),
+           torch.tensor(val_labels, dtype=torch.long))
     workers = decoding_workers(cfg["workers"], len(train_paths), cfg["batch_size"], training=True, cached=cache,
-                               on_cpu=device.type == "cpu", processes_per_machine=processes_per_machine)
+                               on_cpu=device.type == "cpu", processes_per_machine=dist.local_world_size)
     return train_set, val, workers
 
 
-def evaluate(model, info, val, device, batch_size):
+def evaluate(model, info, val, device, batch_size, dist=None):
     """(val loss, val accuracy) through evaluate's own path (`classify_files`: its decoding, its
     inference rewrites, its precision rule), on a copy so the training model keeps its state.
-    The loss is plain cross-entropy in float64, as evaluate reports it (no label smoothing)."""
+    The loss is plain cross-entropy in float64, as evaluate reports it (no label smoothing).
+    Under torchrun each rank scores its share and every rank gets all the logits, in order: the
+    same numbers as one process, on every rank (so all agree on early stopping)."""
     files, labels = val
     logits, errors = classify_files(copy.deepcopy(model), info, files, device, batch_size=batch_size,
                                     workers=0 if files.kept is not None else "auto", desc="validate")
     bad = next((f"{path}: {error}" for path, error in zip(files.paths, errors) if error), None)
+    if dist is not None and dist.world_size > 1:
+        logits = gather_shards(logits, len(labels), dist)
+        if any_rank(bad is not None):
+            bad = bad or "a val image another rank reads"
     if bad:
         raise UserError(f"{bad}; fix or remove it and rerun `dvc repro`")
     loss = F.cross_entropy(logits.double(), labels).item()
@@ -128,7 +143,7 @@ def main():
     model = create_model(params, len(class_names)).to(device)
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_set, val, workers = load_data(params, class_names, device, dist.local_world_size)
+    train_set, val, workers = load_data(params, class_names, device, dist)
     loader, sampler, generator = train_loader(params, train_set, workers, dist, device)
     progress = Progress(params, class_names, mean_std, dist)
     plan = EpochPlan(cfg, progress.resumed["history"] if progress.resumed else (), params["data"]["image_size"])
@@ -166,12 +181,11 @@ def main():
             lr, size = trainer.optimizer.param_groups[0]["lr"], plan.size_for(epoch)
             train_set.set_crop_size(size)
             train_loss, train_acc = train_one_epoch(train_model, loader, trainer, run, epoch, dist.is_main)
-            # Every rank scores the whole (small) val set with identical weights, so all ranks
-            # agree on early stopping and on the time budget's plan without another collective.
             sync_buffers(model)
             sync_buffers(trainer.scored(model))
-            val_loss, val_acc = evaluate(trainer.scored(model), progress.info, val, device, cfg["batch_size"])
-            plan.update(epoch, time.time() - epoch_start, time.time() - started)
+            val_loss, val_acc = evaluate(trainer.scored(model), progress.info, val, device, cfg["batch_size"], dist)
+            # rank 0's clock plans every rank's epochs, so all ranks stop together
+            plan.update(epoch, *rank0_values(time.time() - epoch_start, time.time() - started))
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": lr, "image_size": size, "seconds": round(time.time() - started, 2),
                    "planned_epochs": plan.epochs}

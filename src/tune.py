@@ -107,8 +107,10 @@ def run_trial(study, url, cfg, trial):
         study.tell(trial, state=TrialState.FAIL)
         print(f"tune: trial {trial.number} failed: {trial.user_attrs['error']}", flush=True)
         return "failed"
-    if study._storage.get_trial_user_attrs(trial._trial_id).get(PRUNED_AT) is not None:
+    pruned_at = study._storage.get_trial_user_attrs(trial._trial_id).get(PRUNED_AT)
+    if pruned_at is not None:
         study.tell(trial, state=TrialState.PRUNED)
+        print(f"tune: trial {trial.number}: pruned after epoch {pruned_at}", flush=True)
         return "pruned"
     value = read_json(TRAIN_METRICS)[cfg["objective"]]
     study.tell(trial, value)

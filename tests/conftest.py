@@ -27,6 +27,22 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains or runs the pipeline through real dvc (`make test-fast` skips it)")
 
 
+HEAVY_SESSION_SETUPS = {"exported_project"}  # built once per run, not once per test process
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs two test processes (pytest-xdist, `--dist loadgroup`): tests that share a
+    heavy set-up (a module-scoped fixture, or the exported project) go to the same process, so
+    each set-up is still built once."""
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        defs = defs.name2fixturedefs if defs else {}
+        if HEAVY_SESSION_SETUPS & set(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group("exported"))
+        elif any(d[-1].scope == "module" for d in defs.values() if d):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 # Tiny settings: the whole pipeline in seconds on 2 cores.
 TINY = {
     "data.image_size": 16,
@@ -273,3 +289,20 @@ def postgres():
     finally:
         run([*as_user, bin_dir / "pg_ctl", "-D", folder / "data", "-m", "fast", "stop"], folder, check=False)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def team_mlflow(postgres, tmp_path_factory):
+    """A team's MLflow server as README starts it (`make team-server`): PostgreSQL backend, artifacts
+    proxied into a folder. Yields (tracking URI, artifact folder)."""
+    artifacts = tmp_path_factory.mktemp("team-artifacts")
+    port = free_port()
+    server = subprocess.Popen(["make", "-s", "-C", str(REPO), "team-server", f"DB={postgres('mlflow')}",
+                               f"ARTIFACTS={artifacts}", "HOST=127.0.0.1", f"PORT={port}", "WORKERS=1"],
+                              env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_answers(server, f"{uri}/health", "mlflow server")
+        yield uri, artifacts
+    finally:
+        stop_server(server)

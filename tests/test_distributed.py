@@ -1,10 +1,11 @@
 """`torchrun --nproc_per_node=2 -m src.train` on CPU (gloo): DDP over both processes, one set of outputs."""
 import json
+import subprocess
 
 import pytest
 import torch
 
-from conftest import image_folder, logged_runs, make_project, python, run
+from conftest import REPO, copy_project, env, free_port, image_folder, logged_runs, make_project, python, run
 
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
@@ -51,3 +52,70 @@ def test_torchrun_head_first_unfreezes_on_every_rank_in_step(tmp_path):
                "-m", "src.train"], project).stdout
     assert "rank 0 of 2 trained 2 epochs" in out and "rank 1 of 2 trained 2 epochs" in out
     assert "out of sync" not in out
+
+
+HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: RESNET_TL_TEST_KILL_AT=EPOCH:BATCH kills training there
+# Bitwise-repeatable training (as tests/test_resume.py): a resumed run must end exactly where an uninterrupted one does.
+DETERMINISTIC = {"train.epochs": 2, "train.batch_size": 16, "train.precision": "fp32", "train.workers": 0,
+                 "train.deterministic": True, "train.channels_last": False, "data.val": 0.3}
+SINGLE_PROCESS_VAL = """
+import json, torch
+from src.data.loaders import ImageFiles
+from src.data.manifest import load_class_names, read_manifest, rows_for
+from src.networks.checkpoint import load_trained_model
+from src.train import evaluate
+model, ckpt = load_trained_model("models/model.pt")
+paths, labels = rows_for(read_manifest(), "val", load_class_names())
+print(json.dumps(evaluate(model, ckpt, (ImageFiles(paths, ckpt["image_size"]), torch.tensor(labels)),
+                          torch.device("cpu"), 16)))
+"""
+
+
+def two_nodes(copies, extra_env=None):
+    """`torchrun --nnodes=2` with a c10d rendezvous on 127.0.0.1, each node in its own working copy
+    (no shared disk): what two machines would run. Returns (exit code, output) per node."""
+    cmd = [python(), "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=resnet-tl-test", "-m", "src.train"]
+    nodes = [subprocess.Popen(cmd, cwd=copy, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for copy in copies]
+    return [(node.returncode, out) for node, out in ((n, n.communicate(timeout=600)[0]) for n in nodes)]
+
+
+def rank0_copy(copies):
+    """The working copy rank 0 ran in (the rendezvous decides): the one whose resume file is finished."""
+    done = [c for c in copies if (c / "models/resume.pt").exists()
+            and torch.load(c / "models/resume.pt", weights_only=True)["finished"]]
+    assert len(done) == 1, done
+    return done[0]
+
+
+def test_two_nodes_without_shared_disk_resume_after_a_kill_where_an_uninterrupted_run_ends(tmp_path):
+    data = image_folder(tmp_path / "images", per_class=30)
+    prepared = make_project(tmp_path / "prepared", {"data.source": str(data), **DETERMINISTIC})
+    run(["dvc", "repro", "classes"], prepared)
+    reference = [copy_project(prepared, tmp_path / f"ref{i}") for i in range(2)]
+    results = two_nodes(reference)
+    assert [code for code, _ in results] == [0, 0], results
+    expected = torch.load(rank0_copy(reference) / "models/resume.pt", weights_only=True)
+
+    copies = [copy_project(prepared, tmp_path / f"node{i}") for i in range(2)]
+    killed = two_nodes(copies, {"RESNET_TL_TEST_KILL_AT": "2:2", "PYTHONPATH": str(HOOKS)})
+    assert all(code != 0 for code, _ in killed)
+    holders = [c for c in copies if (c / "models/resume.pt").exists()]
+    assert len(holders) == 1  # only rank 0 wrote, on its own node's disk
+
+    resumed = two_nodes(copies)
+    assert [code for code, _ in resumed] == [0, 0], resumed
+    assert any("every rank resumes from epoch 1" in out for _, out in resumed), resumed
+    final = torch.load(rank0_copy(copies) / "models/resume.pt", weights_only=True)
+    for key in expected["model"]:
+        assert torch.equal(final["model"][key], expected["model"][key]), key
+    def numbers(history):  # all but the clock
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+    assert numbers(final["history"]) == numbers(expected["history"])
+
+    # Each rank scored half of val; together exactly what one process measures for the same weights.
+    where = rank0_copy(copies)
+    loss, accuracy = json.loads(run([python(), "-c", SINGLE_PROCESS_VAL], where).stdout)
+    metrics = json.loads((where / "metrics/train.json").read_text())
+    assert accuracy == metrics["best_val_acc"] and loss == pytest.approx(metrics["best_val_loss"], rel=1e-6)

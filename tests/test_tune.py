@@ -43,31 +43,34 @@ def tagged_runs(project):
 
 
 @pytest.mark.slow
-def test_two_workers_in_two_clones_share_one_postgres_study_without_running_a_trial_twice(
-        digits_prepared, tmp_path, postgres):
-    url = postgres("study_two_workers")
+def test_two_workers_in_two_clones_share_one_postgres_study_and_one_mlflow_server(
+        digits_prepared, tmp_path, postgres, team_mlflow):
+    url, (tracking, _) = postgres("study_two_workers"), team_mlflow
     clones = [copy_project(digits_prepared, tmp_path / f"clone{i}") for i in range(2)]
     for clone in clones:
-        write_space(clone, trials=4, fixed={"train.epochs": 2}, space={"train.lr": {"low": 1e-3, "high": 3e-3}},
-                    pruner={"startup_trials": 99})
-    workers = [subprocess.Popen([python(), "-m", "src.tune", "--storage", url], cwd=clone, env=env(),
+        write_space(clone, trials=4, fixed={"train.epochs": 2, "mlflow.experiment": "team-search"},
+                    space={"train.lr": {"low": 1e-3, "high": 3e-3}}, pruner={"startup_trials": 99})
+    workers = [subprocess.Popen([python(), "-m", "src.tune", "--storage", url], cwd=clone,
+                                env={**env(), "MLFLOW_TRACKING_URI": tracking},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for clone in clones]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
 
     done = trials(url)
-    assert sorted(t.number for t in done) == [0, 1, 2, 3]
+    assert sorted(t.number for t in done) == [0, 1, 2, 3]  # exactly the study's trials, none twice
     assert {t.state for t in done} == {optuna.trial.TrialState.COMPLETE}
     names = [experiments(clone) & {f"t-{n}" for n in range(4)} for clone in clones]
     assert names[0] | names[1] == {"t-0", "t-1", "t-2", "t-3"} and not names[0] & names[1]
     assert names[0] and names[1], outputs  # both workers took trials
-    for clone, mine in zip(clones, names):
-        runs = tagged_runs(clone)
-        assert {f"t-{n}" for n in runs} == mine
-        for number, mlflow_run in runs.items():
-            assert mlflow_run.info.run_name == f"t-{number}" and mlflow_run.data.tags["tune.study"] == "t"
-            value = next(t.value for t in done if t.number == int(number))
-            assert mlflow_run.data.metrics["best_val_acc"] == pytest.approx(value)
+    # Both clones' runs meet on the team server, each named after its trial's DVC experiment.
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    experiment = client.get_experiment_by_name("team-search")
+    runs = {r.data.tags["tune.trial"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["0", "1", "2", "3"]
+    for t in done:
+        assert runs[str(t.number)].info.run_name == f"t-{t.number}"
+        assert runs[str(t.number)].data.metrics["best_val_acc"] == pytest.approx(t.value)
+    assert not any((clone / "mlflow.db").exists() for clone in clones)
 
 
 def wait_for(condition, what, timeout=300):

@@ -12,18 +12,22 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from src.core.errors import UserError
+from src.core.gpus import pick_gpu
 from src.core.process import native_bf16_override
 
 
 def pick_device(choice="auto", param="train.device"):
+    """auto: cuda (one GPU per process where there are several: `src.core.gpus`), then mps, then cpu."""
     if choice == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", pick_gpu())
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if choice == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{param}=cuda but no CUDA GPU is visible; use auto or cpu")
+    if choice == "cuda":
+        return torch.device("cuda", pick_gpu())
     if choice == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError(f"{param}=mps but MPS is not available; use auto or cpu")
     return torch.device(choice)
@@ -148,6 +152,7 @@ def configure(device, deterministic):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # the GPU picked for this process, also for code that says "cuda"
         torch.backends.cudnn.benchmark = not deterministic
         # TF32 matmuls on Ampere+ for the fp32 parts (loss, optimizer): ~free speed.
         torch.backends.cuda.matmul.allow_tf32 = not deterministic

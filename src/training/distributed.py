@@ -1,5 +1,6 @@
 """torchrun: joining the process group, and keeping the ranks' buffers, RNG states and weights
 in step."""
+import math
 import os
 from typing import NamedTuple
 
@@ -8,7 +9,6 @@ import torch.distributed as torch_dist
 
 from src.core.errors import UserError
 from src.core.process import cpu_count
-from src.training.resume import rng_state
 
 
 def check_ranks_agree(model):
@@ -28,13 +28,41 @@ def sync_buffers(model):
             torch_dist.broadcast(buffer, 0)
 
 
-def gather_rng_states(dist):
-    """Every rank's RNG state, in rank order, so a resume restores each rank's own stream."""
+def collective_device():
+    """NCCL moves CUDA tensors only; gloo CPU ones."""
+    if torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_shards(part, total, dist):
+    """The whole result, in order, on every rank, from each rank's strided share (rank::world_size)."""
+    device = collective_device()
+    rows = math.ceil(total / dist.world_size)
+    padded = torch.zeros((rows, *part.shape[1:]), dtype=part.dtype, device=device)
+    padded[:len(part)] = part.to(device)
+    parts = [torch.empty_like(padded) for _ in range(dist.world_size)]
+    torch_dist.all_gather(parts, padded)
+    whole = torch.empty((total, *part.shape[1:]), dtype=part.dtype)
+    for rank, share in enumerate(parts):
+        whole[rank::dist.world_size] = share[:len(range(rank, total, dist.world_size))].cpu()
+    return whole
+
+
+def any_rank(flag):
+    """True on every rank if `flag` is true on any."""
+    value = torch.tensor([int(flag)], device=collective_device())
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def rank0_values(*values):
+    """Rank 0's numbers on every rank (e.g. its clock, so every rank plans the same epochs)."""
     if not torch_dist.is_initialized():
-        return [rng_state()]
-    states = [None] * dist.world_size
-    torch_dist.all_gather_object(states, rng_state())
-    return states
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    torch_dist.broadcast(tensor, 0)
+    return tuple(tensor.tolist())
 
 
 class Dist(NamedTuple):

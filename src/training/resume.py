@@ -8,15 +8,18 @@
   when training ends, so `dvc repro -f` trains from scratch.
 """
 import hashlib
+import io
 import json
 import random
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 from src.core.errors import first_line
 from src.core.paths import CLASS_INDEX, DATA_REPORT, MANIFEST, MODEL, RESUME
 from src.networks.checkpoint import describe, save_checkpoint, weights
+from src.training.distributed import collective_device
 
 
 def fingerprint(params, data_files, world_size):
@@ -47,6 +50,15 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gather_rng_states(dist):
+    """Every rank's RNG state, in rank order, so a resume restores each rank's own stream."""
+    if not torch.distributed.is_initialized():
+        return [rng_state()]
+    states = [None] * dist.world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
 def load_resume(path, run_fingerprint):
     """The training state to continue from, or None (no file, another run's, or a finished one)."""
     path = Path(path)
@@ -65,6 +77,33 @@ def load_resume(path, run_fingerprint):
     return state
 
 
+def load_latest_resume(path, run_fingerprint, dist):
+    """`load_resume`, under torchrun across machines without a shared disk: each rank reads its own
+    disk, and the rank holding the latest epoch (rank 0 wrote it, wherever rank 0 ran last time)
+    sends that file's bytes to every rank. All ranks then resume from the same epoch, or none does."""
+    state = load_resume(path, run_fingerprint)
+    if dist.world_size == 1:
+        return state
+    device = collective_device()
+    epochs = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(epochs, torch.tensor([state["epoch"] if state else 0], device=device))
+    epochs = [int(e.item()) for e in epochs]
+    source = epochs.index(max(epochs))
+    if epochs[source] == 0:
+        return None
+    data = Path(path).read_bytes() if dist.rank == source else b""
+    size = torch.tensor([len(data)], dtype=torch.long, device=device)
+    torch.distributed.broadcast(size, source)
+    buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if dist.rank == source
+              else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
+    torch.distributed.broadcast(buffer, source)
+    if dist.rank != source:
+        state = torch.load(io.BytesIO(buffer.cpu().numpy().tobytes()), map_location="cpu", weights_only=True)
+    if dist.is_main:
+        print(f"train: every rank resumes from epoch {epochs[source]}, {path} of rank {source}")
+    return state
+
+
 class Progress:
     """History, best epoch and patience of one training, saved so that a kill at any point
     continues where it left off. Every rank keeps the numbers; rank 0 alone writes and logs."""
@@ -76,7 +115,7 @@ class Progress:
         self.params, self.dist = params, dist
         self.info = describe(params, class_names, mean_std)  # what every checkpoint carries
         self.fingerprint = fingerprint(params, self.data_files, dist.world_size)
-        self.resumed = load_resume(self.resume_path, self.fingerprint)
+        self.resumed = load_latest_resume(self.resume_path, self.fingerprint, dist)
         self.history, self.best, self.bad_epochs, self.run_id = [], {"val_acc": -1.0, "epoch": 0}, 0, None
         self.best_weights = self.previous_weights = None  # None: the last weights are the best
         self.last = self.resumed  # killed after the final epoch's save: only the summary is left
