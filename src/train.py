@@ -85,7 +85,8 @@ def evaluate(model, info, val, device, batch_size, dist=None):
     same numbers as one process, on every rank (so all agree on early stopping)."""
     files, labels = val
     logits, errors = classify_files(copy.deepcopy(model), info, files, device, batch_size=batch_size,
-                                    workers=0 if files.kept is not None else "auto", desc="validate")
+                                    workers=0 if files.kept is not None else "auto", desc="validate") \
+        if len(files) else (torch.empty(0, info["num_classes"]), [])  # more ranks than val images
     bad = next((f"{path}: {error}" for path, error in zip(files.paths, errors) if error), None)
     if dist is not None and dist.world_size > 1:
         logits = gather_shards(logits, len(labels), dist)

@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from src.core.errors import UserError
+from src.core.errors import UserError, first_line
 from src.core.files import read_json
 from src.core.paths import TRAIN_METRICS
 from src.core.process import run_stage
@@ -92,7 +92,12 @@ def run_trial(study, url, cfg, trial):
     """One trial as one DVC experiment; tells the study how it ended."""
     from optuna.trial import TrialState
 
-    values = {**cfg["fixed"], **suggest(trial, cfg["space"])}
+    try:
+        values = {**cfg["fixed"], **suggest(trial, cfg["space"])}
+    except ValueError as e:  # Optuna refuses a param whose choices changed since the study began
+        requeue(study, trial)  # not counted: the study still has its trials when the space is fixed
+        raise UserError(f"{SPACE_FILE}: {first_line(e)}; a study keeps its space: name a new study "
+                        "to search another") from None
     name = f"{cfg['study']}-{trial.number}"
     trial.set_user_attr("experiment", name)
     trial.set_user_attr("params", values)

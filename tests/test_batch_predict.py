@@ -21,20 +21,21 @@ def test_spark_scores_a_folder_like_predict_onnx_with_error_rows_for_bad_files(e
     (photos / "notes.txt").write_text("not an image")
     good = next(photos.glob("*.png"))
     (photos / "cut.png").write_bytes(good.read_bytes()[:60])  # a truncated image
-    (photos / ".DS_Store").write_bytes(b"\0")  # hidden: not a row
+    (photos / ".DS_Store").write_bytes(b"\0")  # hidden, and not an image name: no row, as in predict
+    shutil.copy(good, photos / ".hidden.png")
 
     out = tmp_path / "preds.parquet"
     spark_env = {**env(), "MLFLOW_TRACKING_URI": store_uri(project), "PYSPARK_PYTHON": python()}
     result = run([python(), "-m", "src.batch_predict", f"runs:/{run_id}/image_model", str(tmp_path / "photos"),
                   str(out), "--master", "local[2]"], project, env=spark_env)
-    assert f"{len(test_rows) + 2} files" in result.stdout and "(2 unreadable)" in result.stdout
+    assert f"{len(test_rows) + 1} files" in result.stdout and "(1 unreadable)" in result.stdout
     spark_rows = pd.read_parquet(out).set_index("file")
     spark_rows.index = [name.removeprefix("file:") for name in spark_rows.index]
 
     expected = run([python(), "-m", "src.predict", str(tmp_path / "photos"), "--backend", "onnx",
                     "--top-k", "5"], project).stdout
     reference = {r["file"]: r for r in csv.DictReader(io.StringIO(expected))}
-    assert set(spark_rows.index) == set(reference)  # the hidden file is in neither
+    assert set(spark_rows.index) == set(reference) and len(reference) == len(test_rows) + 1
     for file, row in reference.items():
         got = spark_rows.loc[file]
         if row["error"]:

@@ -3,6 +3,7 @@ points MLFLOW_TRACKING_URI at it logs its training, evaluation and image model t
 model, and `mlflow models serve -m models:/NAME/latest` serves it from the server."""
 import base64
 import json
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -18,6 +19,8 @@ pytestmark = pytest.mark.slow  # trains or runs Spark; shares the exported proje
 def test_a_clone_logs_registers_and_serves_through_the_team_server(exported_project, team_mlflow, tmp_path):
     tracking, artifacts = team_mlflow
     project = copy_project(exported_project[0], tmp_path / "project")
+    (project / "mlflow.db").unlink()
+    shutil.rmtree(project / "mlartifacts", ignore_errors=True)
     set_params(project, {"mlflow.register_model": "team-shapes", "mlflow.experiment": "team"})
     team_env = {**env(), "MLFLOW_TRACKING_URI": tracking}
     run(["dvc", "repro", "-f", "train", "evaluate", "export"], project, env=team_env)

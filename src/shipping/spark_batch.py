@@ -8,6 +8,10 @@ src.batch_predict` (or `spark-submit src/batch_predict.py`) runs it.
 """
 from pyspark.sql import functions as F
 
+from src.data.images import IMAGE_EXTENSIONS
+
+# The files `src.predict` takes from a folder (`is_image_name`): an image extension, not hidden.
+IMAGE_NAME = r"(?i)/[^./][^/]*\.(" + "|".join(sorted(e[1:] for e in IMAGE_EXTENSIONS)) + ")$"
 # The image model's output columns (src.shipping.serving.COLUMNS) as Spark types.
 RESULT_TYPE = ("class string, probability double, top_k_classes array<string>, "
                "top_k_probabilities array<double>, error string")
@@ -16,13 +20,13 @@ RESULT_TYPE = ("class string, probability double, top_k_classes array<string>, "
 def score_folder(spark, model_uri, input_path, env_manager="local"):
     """A DataFrame: file, class, probability, top_k_classes, top_k_probabilities, error.
 
-    Files are read recursively; hidden files (`.name`) are skipped as ingest skips them. The bytes
-    travel as base64, the type the model's signature declares (its REST input)."""
+    Files are read recursively and chosen by name as `src.predict` chooses them in a folder. The
+    bytes travel as base64, the type the model's signature declares (its REST input)."""
     import mlflow.pyfunc
 
     classify = mlflow.pyfunc.spark_udf(spark, model_uri, result_type=RESULT_TYPE, env_manager=env_manager)
-    files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-             .option("pathGlobFilter", "[!.]*").load(str(input_path)))
+    files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(input_path))
+             .filter(F.col("path").rlike(IMAGE_NAME)))
     return (files.select(F.col("path").alias("file"), classify(F.base64("content")).alias("p"))
             .select("file", "p.*"))
 
