@@ -274,7 +274,8 @@ def test_image_model_gives_error_rows_for_bad_inputs_and_the_onnx_classes_for_go
     project, model_path, images = checkpoint_with_onnx
     good = sorted(images.rglob("img_*"))[:4]
     inputs = [base64.b64encode(good[0].read_bytes()).decode(), str(good[1]), "####", "",
-              base64.b64encode(b"GIF89a but broken").decode(), base64.b64encode(good[2].read_bytes()).decode(),
+              base64.b64encode(b"GIF89a but broken").decode(),
+              base64.encodebytes(good[2].read_bytes()).decode(),  # wrapped in lines, as `base64 photo.jpg`
               good[3].read_bytes()]  # raw bytes, as a caller in Python may pass them
     for environ in ({FILES: str(images)}, {}):  # file paths allowed under `images`, or none at all
         classifier = ImageClassifier(environ)

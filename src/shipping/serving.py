@@ -119,6 +119,19 @@ def read_allowed_file(value, folders, max_bytes):
     return None, None
 
 
+def b64decode(value):
+    """Strict base64, also as wrapped in lines (`base64 photo.jpg`, MIME, Spark's base64())."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        newlines = b"\r\n" if isinstance(value, (bytes, bytearray)) else "\r\n"
+        if newlines[-1:] not in value:
+            raise
+        stripped = bytes(value).translate(None, b"\r\n") if isinstance(value, (bytes, bytearray)) \
+            else value.translate({13: None, 10: None})
+        return base64.b64decode(stripped, validate=True)
+
+
 def too_big(size, max_bytes):
     return (f"image of {size:,} bytes is over this server's limit of {max_bytes:,} bytes per image "
             f"(raise it with {MAX_BYTES} where the server starts)")
@@ -149,7 +162,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             if len(value) > base64_length(self.max_bytes):
                 return None, too_big(len(value), self.max_bytes)
             try:
-                data = base64.b64decode(value, validate=True)
+                data = b64decode(value)
             except (binascii.Error, ValueError):
                 data = bytes(value)  # any real image has bytes outside base64's alphabet
         elif isinstance(value, str) and value.strip():
@@ -161,7 +174,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 if data is not None or error:
                     return data, error
             try:
-                data = base64.b64decode(value, validate=True)
+                data = b64decode(value)
             except (binascii.Error, ValueError):
                 return None, NOT_BASE64_OR_ALLOWED_FILE if self.folders else NOT_BASE64
         else:
