@@ -31,7 +31,7 @@ def test_a_clone_logs_registers_and_serves_through_the_team_server(exported_proj
     versions = client.search_model_versions("name='team-shapes'")
     assert len(versions) == 1 and versions[0].run_id == logged.info.run_id, versions
     # Artifacts went through the server into its folder; the clone keeps no store of its own.
-    assert list(artifacts.rglob("image_model/MLmodel")) and list(artifacts.rglob("model.onnx"))
+    assert list(artifacts.rglob("image_model.py")) and list(artifacts.rglob("model.onnx"))
     assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()
 
     port = free_port()

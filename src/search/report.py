@@ -18,13 +18,15 @@ def trial_env(storage, study, trial, objective, pruning):
 
 
 def pruner(pruning):
-    """The pruner, rebuilt alike in the worker and in the training it runs (a pruner is not stored).
+    """The pruner, rebuilt alike in the worker and in the training it runs (a pruner is not stored):
+    a trial stops when its best so far is below `percentile` of finished trials' at the same step
+    (50: the median rule).
     Steps are tenths of the training (of its epochs, or of its time budget's planned epochs), so
     trials with different epoch counts are compared at the same point of their schedules."""
     import optuna
 
-    return optuna.pruners.MedianPruner(n_startup_trials=pruning["startup_trials"],
-                                       n_warmup_steps=round(10 * pruning["warmup"]))
+    return optuna.pruners.PercentilePruner(pruning["percentile"], n_startup_trials=pruning["startup_trials"],
+                                           n_warmup_steps=round(10 * pruning["warmup"]))
 
 
 class TrialReport:

@@ -111,8 +111,9 @@ def load_space(path=SPACE_FILE):
     if sampler.setdefault("seed", None) is not None:
         _number("sampler.seed", sampler["seed"], 0, 2**32 - 1)
     pruner = cfg.setdefault("pruner", {})
-    if not isinstance(pruner, dict) or set(pruner) - {"startup_trials", "warmup"}:
-        _fail("pruner", "allowed keys: startup_trials, warmup (or pruner: {} for the defaults)")
+    if not isinstance(pruner, dict) or set(pruner) - {"percentile", "startup_trials", "warmup"}:
+        _fail("pruner", "allowed keys: percentile, startup_trials, warmup (or pruner: {} for the defaults)")
+    pruner["percentile"] = _number("pruner.percentile", pruner.get("percentile", 50), 0, 100, (int, float))
     pruner["startup_trials"] = _number("pruner.startup_trials", pruner.get("startup_trials", 2), 0, 1000)
     pruner["warmup"] = _number("pruner.warmup", pruner.get("warmup", 0.3), 0, 1, (int, float))
     check_space(cfg.get("space"))
