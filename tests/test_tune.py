@@ -13,7 +13,8 @@ import yaml
 
 from src.core.errors import UserError
 from src.search.space import load_space
-from tests.conftest import copy_project, env, logged_runs, python, run
+
+from conftest import REPO, copy_project, env, logged_runs, python, run
 
 GOOD, BAD = 0.002, 30.0  # Adam at lr 30 never learns: its curve is far behind from the first epoch
 
@@ -97,8 +98,10 @@ def test_local_study_prunes_the_bad_arm_survives_ctrl_c_and_its_best_params_trai
     # trial 0 good, trial 1 clearly bad (pruned), trial 2 good again (interrupted by Ctrl-C, then rerun)
     write_space(project, start_from=[{"train.lr": GOOD}, {"train.lr": BAD}, {"train.lr": GOOD}],
                 fixed={"train.epochs": 4})
+    # As from a terminal: SIGINT on. (pytest-xdist's workers ignore it, and children inherit that.)
     worker = subprocess.Popen([python(), "-m", "src.tune"], cwd=project, env=env(), start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: (project / "tune.db").exists() and reported_epochs(project, 2) > 0, "trial 2's first epoch")
     os.killpg(worker.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the worker, dvc and the training
     out = worker.communicate(timeout=120)[0]
@@ -150,5 +153,5 @@ def test_a_bad_space_entry_is_one_line_naming_it(tmp_path, space, message):
 
 
 def test_the_default_space_is_valid_and_starts_from_the_readme_recipe():
-    cfg = load_space("tune.yaml")
+    cfg = load_space(REPO / "tune.yaml")
     assert cfg["fixed"]["train.time_budget"] == 3 and cfg["start_from"][0]["data.image_size"] == 80
