@@ -30,6 +30,7 @@ def pytest_configure(config):
 HEAVY_SESSION_SETUPS = {"exported_project"}  # built once per run, not once per test process
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """`make test` runs two test processes (pytest-xdist, `--dist loadgroup`): tests that share a
     heavy set-up (a module-scoped fixture, or the exported project) go to the same process, so
