@@ -16,7 +16,7 @@ import sys
 if __package__ in (None, ""):  # run as a file by spark-submit: make `src` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from src.core.errors import UserError  # noqa: E402
+from src.core.errors import UserError, first_line  # noqa: E402
 from src.core.process import run_stage  # noqa: E402
 
 
@@ -45,9 +45,18 @@ def main():
             print(f"batch_predict: {written.count()} files -> {args.output} ({failed} unreadable)")
         else:
             print(f"batch_predict: -> {args.output}")
-    except Exception as e:
-        if "already exists" in str(e):
+    except Exception as e:  # Spark's and MLflow's errors, as one line that says what to do
+        from mlflow.exceptions import MlflowException
+        from pyspark.errors import AnalysisException
+
+        if isinstance(e, AnalysisException) and "PATH_ALREADY_EXISTS" in str(e):
             raise UserError(f"{args.output} already exists: give a new output path") from None
+        if isinstance(e, AnalysisException) and "PATH_NOT_FOUND" in str(e):
+            raise UserError(f"{args.input}: no such folder; give a folder of images") from None
+        if isinstance(e, MlflowException):
+            raise UserError(f"model {args.model}: {first_line(e)}; give the image model's URI "
+                            "(runs:/<run_id>/image_model, models:/NAME/latest) in $MLFLOW_TRACKING_URI's "
+                            "store") from None
         raise
     finally:
         spark.stop()

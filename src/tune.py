@@ -29,12 +29,13 @@ from pathlib import Path
 
 from src.core.errors import UserError, first_line
 from src.core.files import read_json
+from src.core.params import redact_url
 from src.core.paths import TRAIN_METRICS
 from src.core.process import run_stage
 from src.search.report import PRUNED_AT, trial_env
 from src.search.results import RESULTS, apply_params, best_trial, trial_rows, write_plots, write_table
 from src.search.space import SPACE_FILE, load_space, suggest
-from src.search.study import claim, counted, open_study, redact, requeue, storage_url
+from src.search.study import claim, counted, open_study, requeue, storage_url
 
 WORKER_LOCK = Path(".dvc/tmp/tune-worker.lock")
 
@@ -125,7 +126,8 @@ def run_trial(study, url, cfg, trial):
 
 def work(cfg, url, minutes):
     study = open_study(cfg, url)
-    print(f"tune: study '{cfg['study']}' in {redact(url)}, {study.user_attrs.get('planned_trials')} trials", flush=True)
+    print(f"tune: study '{cfg['study']}' in {redact_url(url)}, {study.user_attrs.get('planned_trials')} trials",
+          flush=True)
     deadline = time.time() + 60 * minutes if minutes else None
     ran = []
     with one_worker_per_clone():
@@ -147,7 +149,7 @@ def work(cfg, url, minutes):
 
 
 def show_best(cfg, url, apply):
-    study = open_study(cfg, url)
+    study = open_study(cfg, url, create=False)
     rows = trial_rows(study)
     write_table(rows, RESULTS / "trials.csv")
     plots = write_plots(study)

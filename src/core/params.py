@@ -72,10 +72,13 @@ def url_secrets(v):
 
 
 def redact_url(v):
-    """`v` without user:password@, query and fragment: what may be printed or logged."""
-    if not isinstance(v, str) or not v.startswith(("http://", "https://")):
+    """`v` without user:password@, query and fragment: what may be printed or logged (any
+    scheme://: a download, a database URL)."""
+    if not isinstance(v, str) or "://" not in v:
         return v
     parts = urlsplit(v)
+    if not (parts.username or parts.password or parts.query or parts.fragment):
+        return v  # nothing to hide (and sqlite:////path stays as written)
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, host, parts.path, "", "")) + ("?..." if parts.query else "")
 

@@ -8,6 +8,7 @@
 import json
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from src.core.errors import UserError
 from src.core.params import SCHEMA, flatten, read_yaml
@@ -101,6 +102,9 @@ def load_space(path=SPACE_FILE):
     cfg.setdefault("storage", None)
     if cfg["storage"] is not None and not isinstance(cfg["storage"], str):
         _fail("storage", "null (tune.db in the workspace) or a database URL")
+    if cfg["storage"] and urlsplit(cfg["storage"]).password:
+        _fail("storage", "no password in a file git keeps: put it in ~/.pgpass, or the whole URL in "
+                         "$RESNET_TL_TUNE_STORAGE")
     cfg.setdefault("objective", "best_val_acc")
     if cfg["objective"] not in OBJECTIVES:
         _fail("objective", f"{cfg['objective']!r}; use one of {', '.join(OBJECTIVES)}")

@@ -9,11 +9,13 @@ its place, so the finished count still reaches `trials`.
 import os
 import time
 import warnings
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
 from src.core.errors import UserError, first_line
+from src.core.params import redact_url
 from src.core.paths import workspace_root
 from src.search.report import pruner
 from src.search.space import OBJECTIVES
@@ -30,15 +32,6 @@ def storage_url(cfg, override=None):
     return url or f"sqlite:///{workspace_root() / LOCAL_STORE}"
 
 
-def redact(url):
-    """The URL without its password, for messages."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if at and ":" in creds:
-        return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
-    return url
-
-
 def connect(url, tries=4):
     """The storage; workers starting together on an empty database race to create its tables, and the
     losers' first try fails (a unique-constraint error), so a failure is retried before it is reported."""
@@ -47,7 +40,9 @@ def connect(url, tries=4):
             return optuna.storages.RDBStorage(url)
         except Exception as e:  # driver missing, server down, wrong password: the URL and the reason
             if attempt == tries - 1:
-                raise UserError(f"cannot open the study storage {redact(url)}: {first_line(e)}") from None
+                raise UserError(f"cannot open the study storage {redact_url(url)}: {first_line(e)}; check the "
+                                "URL, that its server answers, and its driver (postgresql+psycopg:// uses "
+                                "psycopg, in requirements.txt)") from None
             time.sleep(1 + attempt)
 
 
@@ -58,10 +53,15 @@ def sampler(cfg):
                                       multivariate=True, constant_liar=True)
 
 
-def open_study(cfg, url):
-    """Load the study, or create it with its trials queued."""
+def open_study(cfg, url, create=True):
+    """Load the study, or (create=True) create it with its trials queued."""
+    missing = f"no study '{cfg['study']}' in {redact_url(url)}: run `python -m src.tune` first (or give its --storage)"
+    if not create and url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise UserError(missing)  # before connecting, which would create an empty database file
     storage = connect(url)
     direction = OBJECTIVES[cfg["objective"]]
+    if not create and cfg["study"] not in optuna.get_all_study_names(storage):
+        raise UserError(missing)
     try:
         study = optuna.create_study(study_name=cfg["study"], storage=storage, direction=direction,
                                     sampler=sampler(cfg), pruner=pruner(cfg["pruner"]))
@@ -69,7 +69,7 @@ def open_study(cfg, url):
         study = optuna.load_study(study_name=cfg["study"], storage=storage, sampler=sampler(cfg),
                                   pruner=pruner(cfg["pruner"]))
         if study.direction.name.lower() != direction:
-            raise UserError(f"study '{cfg['study']}' in {redact(url)} {study.direction.name.lower()}s; "
+            raise UserError(f"study '{cfg['study']}' in {redact_url(url)} {study.direction.name.lower()}s; "
                             f"tune.yaml's objective {cfg['objective']} would {direction}: name a new study") from None
         return study
     study.set_user_attr(PLANNED, cfg["trials"])
