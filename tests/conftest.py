@@ -44,6 +44,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
+@pytest.hookimpl(trylast=True)  # after xdist's own hook has named each item after its group
+def pytest_collection_finish(session):
+    """Stop if pytest-xdist ignored the groups (it did with pytest 9): every heavy set-up would be
+    built once per process, silently."""
+    grouped = [i for i in session.items if i.get_closest_marker("xdist_group")]
+    if getattr(session.config.option, "loadgroup", False) and grouped and "@" not in grouped[0].nodeid:
+        raise pytest.UsageError("pytest-xdist's --dist loadgroup ignores the test groups with this pytest: "
+                                "install requirements-dev.txt's versions")
+
+
 # Tiny settings: the whole pipeline in seconds on 2 cores.
 TINY = {
     "data.image_size": 16,

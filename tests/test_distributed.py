@@ -10,12 +10,8 @@ from conftest import REPO, copy_project, env, free_port, image_folder, logged_ru
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
 
-def test_torchrun_two_processes_match_single_process(digits_project):
+def test_torchrun_two_processes_split_the_data_and_write_one_set_of_outputs(digits_project):
     project = digits_project
-    single = run([python(), "-m", "src.train"], project)
-    single_metrics = json.loads((project / "metrics/train.json").read_text())
-    assert "rank" not in single.stdout
-
     distributed = run([python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                        "-m", "src.train"], project)
     out = distributed.stdout
@@ -31,33 +27,19 @@ def test_torchrun_two_processes_match_single_process(digits_project):
     assert metrics["epochs_run"] == 2
     last = torch.load(project / "models/resume.pt", weights_only=True)
     assert last["finished"] and not any(k.startswith("module.") for k in last["model"])
-    # Same global batch and schedule: the accuracy stays close to one process's.
-    assert abs(metrics["best_val_acc"] - single_metrics["best_val_acc"]) <= 0.05, (metrics, single_metrics)
+    # The global batch and schedule of one process (which reaches ~0.95 here): it learns as well.
     assert metrics["best_val_acc"] > 0.8
-
-    runs = logged_runs(project)
-    assert len(runs) == 2  # one per training, none from rank 1
-
-
-def test_torchrun_head_first_unfreezes_on_every_rank_in_step(tmp_path):
-    # The backbone starts frozen, so DDP first wraps only the head; after the unfreeze every
-    # parameter must be synchronised again, or the ranks' backbones drift apart (the stage
-    # compares the ranks' weights at the end and fails if they differ). What is learnt doesn't
-    # matter here: a few tiny images, not the digits.
-    images = image_folder(tmp_path / "images")
-    project = make_project(tmp_path / "project", {"data.source": str(images), "model.transfer": "head_first",
-                                                  "model.head_epochs": 1})
-    run(["dvc", "repro", "classes"], project)
-    out = run([python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "src.train"], project).stdout
-    assert "rank 0 of 2 trained 2 epochs" in out and "rank 1 of 2 trained 2 epochs" in out
-    assert "out of sync" not in out
+    assert len(logged_runs(project)) == 1  # none from rank 1
 
 
 HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: RESNET_TL_TEST_KILL_AT=EPOCH:BATCH kills training there
 # Bitwise-repeatable training (as tests/test_resume.py): a resumed run must end exactly where an uninterrupted one does.
 DETERMINISTIC = {"train.epochs": 2, "train.batch_size": 16, "train.precision": "fp32", "train.workers": 0,
                  "train.deterministic": True, "train.channels_last": False, "data.val": 0.3}
+# The head alone in epoch 1, everything from epoch 2 (killed there): DDP first wraps only the head's
+# parameters, so after the unfreeze it must synchronise them all again, or the ranks' backbones
+# drift apart (the stage compares the ranks' weights at the end and fails if they differ).
+HEAD_FIRST = {"model.transfer": "head_first", "model.head_epochs": 1}
 SINGLE_PROCESS_VAL = """
 import json, torch
 from src.data.loaders import ImageFiles
@@ -91,7 +73,7 @@ def rank0_copy(copies):
 
 def test_two_nodes_without_shared_disk_resume_after_a_kill_where_an_uninterrupted_run_ends(tmp_path):
     data = image_folder(tmp_path / "images", per_class=30)
-    prepared = make_project(tmp_path / "prepared", {"data.source": str(data), **DETERMINISTIC})
+    prepared = make_project(tmp_path / "prepared", {"data.source": str(data), **DETERMINISTIC, **HEAD_FIRST})
     run(["dvc", "repro", "classes"], prepared)
     reference = [copy_project(prepared, tmp_path / f"ref{i}") for i in range(2)]
     results = two_nodes(reference)

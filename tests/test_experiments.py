@@ -66,6 +66,10 @@ def queued(tmp_path_factory):
     root = tmp_path_factory.mktemp("queue")
     images = image_folder(root / "images")
     project = make_project(root / "project", {"data.source": str(images), "train.epochs": 1})
+    # The data stages reproduced and committed first, as README says: two queued experiments that
+    # both run them write the same run-cache entry at once, and DVC fails one of them.
+    run(["dvc", "repro", "classes"], project)
+    run("git add -A && git commit -qm data", project)
     for name, arch in EXPERIMENTS.items():
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"arch={arch}"], project)
     run(["dvc", "queue", "start", "-j", "2"], project)

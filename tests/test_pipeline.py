@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import image_folder, logged_runs, make_project, run
+from conftest import logged_runs, run
 
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
@@ -44,25 +44,3 @@ def test_repro_end_to_end_then_noop(digits_project):
     again = run(["dvc", "repro"], project)
     assert "up to date" in again.stdout
     assert len(logged_runs(project)) == 1
-
-
-def test_experiment_with_another_arch_is_listed(tmp_path):
-    photos = image_folder(tmp_path / "photos")  # small: this test is about DVC and MLflow, not accuracy
-    project = make_project(tmp_path / "project", {"data.source": str(photos)})
-    run(["dvc", "repro", "evaluate"], project)  # export and predict add time, not coverage, here
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-q", "-m", "baseline"], project)
-    run(["dvc", "exp", "run", "-S", "arch=resnet34", "-n", "r34", "evaluate"], project)
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
-    archs = []
-    for rev in shown:
-        for exp in [rev] + [e for exps in (rev.get("experiments") or []) for e in exps.get("revs", [])]:
-            data = (exp.get("data") or {})
-            params = data.get("params", {}).get("params.yaml", {}).get("data", {})
-            metrics = data.get("metrics", {}).get("metrics/eval.json", {}).get("data", {})
-            if params.get("arch") and metrics:
-                archs.append((data.get("name") or exp.get("name"), params["arch"]))
-    assert ("r34", "resnet34") in archs, archs
-    runs = logged_runs(project)
-    assert sorted(r.data.params["arch"] for r in runs) == ["resnet18", "resnet34"]
-    assert any(r.info.run_name == "r34" for r in runs)

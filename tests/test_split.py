@@ -203,7 +203,10 @@ def test_hymenoptera_keeps_its_split(tmp_path):
     assert json.loads((project / "data/class_indices.json").read_text()) == {"0": "ants", "1": "bees"}
     # No test/ here: evaluate and predict use the val images instead.
     val = [r["path"] for r in rows if r["split"] == "val"]
-    assert json.loads((project / "metrics/eval.json").read_text())["val/images"] == len(val) == 153
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    assert evaluation["val/images"] == len(val) == 153
+    # Real photos of all sizes: training's validation scored them exactly as evaluate does.
+    assert json.loads((project / "metrics/train.json").read_text())["best_val_acc"] == evaluation["val/accuracy"]
     with open(project / "data/predictions.csv", newline="", encoding="utf-8") as f:
         assert [row["file"] for row in csv.DictReader(f)] == val
 

@@ -14,7 +14,7 @@ import yaml
 from src.core.errors import UserError
 from src.search.space import load_space
 
-from conftest import REPO, copy_project, env, logged_runs, python, run
+from conftest import REPO, copy_project, env, image_folder, logged_runs, make_project, python, run
 
 GOOD, BAD = 0.002, 30.0  # Adam at lr 30 never learns: its curve is far behind from the first epoch
 
@@ -44,10 +44,13 @@ def tagged_runs(project):
 
 
 @pytest.mark.slow
-def test_two_workers_in_two_clones_share_one_postgres_study_and_one_mlflow_server(
-        digits_prepared, tmp_path, postgres, team_mlflow):
+def test_two_workers_in_two_clones_share_one_postgres_study_and_one_mlflow_server(tmp_path, postgres, team_mlflow):
     url, (tracking, _) = postgres("study_two_workers"), team_mlflow
-    clones = [copy_project(digits_prepared, tmp_path / f"clone{i}") for i in range(2)]
+    # A few tiny pictures: this test is about sharing a study, not about learning.
+    prepared = make_project(tmp_path / "prepared", {"data.source": str(image_folder(tmp_path / "images"))})
+    run(["dvc", "repro", "classes"], prepared)
+    run("git add -A && git commit -qm data", prepared)
+    clones = [copy_project(prepared, tmp_path / f"clone{i}") for i in range(2)]
     for clone in clones:
         write_space(clone, trials=4, fixed={"train.epochs": 2, "mlflow.experiment": "team-search"},
                     space={"train.lr": {"low": 1e-3, "high": 3e-3}}, pruner={"startup_trials": 99})

@@ -200,6 +200,9 @@ def log_model(model, image_size):
         info = mlflow.pytorch.log_model(
             model, name="model", signature=infer_signature(example, output), input_example=example,
             serialization_format="pt2",
+            # MLflow would load the saved graph again to try the example, and only warn if it failed
+            # (seconds per training, nothing guarded): the tests load and run it instead.
+            validate_serving_input=False,
             # Given explicitly: inferring them loads the model again in a subprocess.
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                               f"torchvision=={torchvision.__version__.split('+')[0]}",
