@@ -17,9 +17,7 @@ you want to keep without the target. Experiments run one at a time
 (`-j 1`): a time budget is wall-clock minutes, so two at once would each get half the machine.
 Afterwards `dvc exp show` and `mlflow ui` in --workdir compare the same runs.
 
-Rows: `baseline` is the defaults with hflip (the issue's starting point); `recipe` is README's
-photo line; the `minus-*` rows take one ingredient out of it and the `plus-*` rows add one.
-Single runs on a few hundred val images: differences under ~3 points are within noise.
+Rows: see ROWS. Single runs on a few hundred val images: differences under ~3 points are within noise.
 """
 import argparse
 import json
@@ -35,26 +33,28 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-# README's photo line (without its time budget, which is the grid's other axis).
-RECIPE = {
-    "data.image_size": 80, "train.start_image_size": 48, "train.batch_size": 32, "train.hflip": 0.5,
-    "train.random_erasing": 0.25, "train.ema_decay": 0.998, "train.label_smoothing": 0.1, "train.optimizer": "adamw",
-    "train.weight_decay": 0.05, "train.warmup_epochs": 2, "train.crop_scale": "[0.25,1.0]",
-}
+# The photo recipe is what `recipe: auto` gives photos (src/core/recipes.py): the `recipe` row sets
+# nothing. `baseline` is the sample's (digits) recipe with flips, the issue's starting point; the
+# `minus-*` rows take one ingredient out of the recipe and the `plus-*` rows add one.
 ROWS = {
-    "baseline": {"train.hflip": 0.5},
-    "recipe": RECIPE,
-    "minus-progressive": {**RECIPE, "train.start_image_size": 0},
-    "minus-erasing": {**RECIPE, "train.random_erasing": 0},
-    "minus-ema": {**RECIPE, "train.ema_decay": 0},
-    "minus-smoothing": {**RECIPE, "train.label_smoothing": 0},
-    "minus-adamw": {**RECIPE, "train.optimizer": "adam", "train.weight_decay": 0},
-    "minus-crop": {**RECIPE, "train.crop_scale": "[0.6,1.0]"},
-    "plus-trivialaugment": {**RECIPE, "train.augment": "trivialaugment"},
-    "plus-randaugment": {**RECIPE, "train.augment": "randaugment"},
-    "plus-mixup-cutmix": {**RECIPE, "train.mixup": 0.2, "train.cutmix": 1.0},
-    "plus-class-balance": {**RECIPE, "train.class_balance": "loss"},
-    "size-112": {**RECIPE, "data.image_size": 112, "train.start_image_size": 64},
+    "baseline": {"recipe": "digits", "train.hflip": 0.5},
+    "recipe": {},
+    "minus-progressive": {"train.start_image_size": 0},
+    "minus-erasing": {"train.random_erasing": 0},
+    "minus-ema": {"train.ema_decay": 0},
+    "minus-smoothing": {"train.label_smoothing": 0},
+    "minus-adamw": {"train.optimizer": "adam", "train.weight_decay": 0},
+    "minus-crop": {"train.crop_scale": "[0.6,1.0]"},
+    "minus-calibration": {"train.calibrate": "false"},
+    "plus-eval-96": {"data.eval_image_size": 96},
+    "plus-eval-104": {"data.eval_image_size": 104},
+    "plus-zero-init": {"model.zero_init_residual": "true"},
+    "plus-resnet-d": {"arch": "resnet18d"},
+    "plus-trivialaugment": {"train.augment": "trivialaugment"},
+    "plus-randaugment": {"train.augment": "randaugment"},
+    "plus-mixup-cutmix": {"train.mixup": 0.2, "train.cutmix": 1.0},
+    "plus-class-balance": {"train.class_balance": "loss"},
+    "size-112": {"data.image_size": 112, "train.start_image_size": 64},
 }
 
 
@@ -141,12 +141,15 @@ def table(workdir):
         row = row_name(params)
         rows.append((params["train"]["time_budget"], list(ROWS).index(row) if row in ROWS else len(ROWS), row, exp,
                      m.get("epochs_run"), m.get("train_seconds"), m.get("best_val_acc"),
-                     m.get(f"{split}/balanced_accuracy"), m.get(f"{split}/tta_accuracy")))
-    print("\n| budget | row | experiment | epochs | train s | best val acc | balanced acc | with flip TTA |")
-    print("|---|---|---|---|---|---|---|---|")
+                     m.get(f"{split}/balanced_accuracy"), m.get(f"{split}/tta_accuracy"), m.get(f"{split}/ece"),
+                     m.get(f"{split}/ece_uncalibrated")))
+    print("\n| budget | row | experiment | epochs | train s | best val acc | balanced acc | with flip TTA | ECE "
+          "| ECE uncalibrated |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)
-    for budget, _, row, exp, epochs, seconds, acc, bal, tta in sorted(rows):
-        print(f"| {budget} min | {row} | {exp} | {epochs} | {seconds} | {fmt(acc)} | {fmt(bal)} | {fmt(tta)} |")
+    for budget, _, row, exp, epochs, seconds, acc, bal, tta, ece, raw in sorted(rows):
+        print(f"| {budget} min | {row} | {exp} | {epochs} | {seconds} | {fmt(acc)} | {fmt(bal)} | {fmt(tta)} "
+              f"| {fmt(ece)} | {fmt(raw)} |")
 
 
 def main():

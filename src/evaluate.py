@@ -8,6 +8,7 @@ Writes
   metrics/confusion.csv     one row per image (path, actual, predicted): the DVC confusion plot
   metrics/confusion.png     the confusion matrix with class names and counts
   metrics/misclassified.png the most confidently wrong images, with true and predicted labels
+  metrics/reliability.png   accuracy against confidence, with and without temperature scaling
 and logs the metrics into the training's MLflow run.
 """
 import csv
@@ -24,13 +25,13 @@ from src.core.device import pick_device
 from src.core.errors import UserError
 from src.core.files import write_json, write_text
 from src.core.params import flatten, load_params
-from src.core.paths import CONFUSION_CSV, CONFUSION_PNG, EVAL_METRICS, MISCLASSIFIED_PNG, MODEL
+from src.core.paths import CONFUSION_CSV, CONFUSION_PNG, EVAL_METRICS, MISCLASSIFIED_PNG, MODEL, RELIABILITY_PNG
 from src.core.process import run_stage
 from src.data.loaders import ImageFiles
 from src.data.manifest import check_same_classes, held_out_split, read_manifest, rows_for
 from src.inference.classify import classify_files
 from src.inference.explain import overlays
-from src.inference.figures import confusion_figure, image_grid, save_figure
+from src.inference.figures import confusion_figure, image_grid, reliability_figure, save_figure
 from src.networks.checkpoint import load_trained_model
 
 
@@ -58,8 +59,10 @@ def expected_calibration_error(confidence, correct, bins):
     return float(ece)
 
 
-def classification_metrics(y_true, logits, class_names, bins):
-    """The flat eval.json dict from labels and logits (float64 for exact averages)."""
+def classification_metrics(y_true, logits, class_names, bins, temperature=1.0):
+    """The flat eval.json dict from labels and logits (float64 for exact averages). `temperature`:
+    the one folded into the model at training (`src.training.calibration`); loss and ECE are
+    also reported for logits * temperature, the network before calibration."""
     logits = torch.as_tensor(logits, dtype=torch.float64)
     log_probs = torch.log_softmax(logits, 1)
     probs = log_probs.exp().numpy()
@@ -79,6 +82,9 @@ def classification_metrics(y_true, logits, class_names, bins):
         metrics["top5_accuracy"] = float((top5 == y_true[:, None]).any(1).mean())
     metrics["loss"] = float(-log_probs[torch.arange(n), torch.as_tensor(y_true)].mean())
     metrics["ece"] = expected_calibration_error(probs.max(1), y_pred == y_true, bins)
+    raw = torch.log_softmax(logits * temperature, 1)
+    metrics["ece_uncalibrated"] = expected_calibration_error(raw.exp().max(1).values.numpy(), y_pred == y_true, bins)
+    metrics["loss_uncalibrated"] = float(-raw[torch.arange(n), torch.as_tensor(y_true)].mean())
     for name, values in per_class.items():
         metrics[f"macro_{name}"] = float(values.mean())
         metrics[f"weighted_{name}"] = float((values * support).sum() / n)
@@ -132,7 +138,8 @@ def main():
         raise UserError(f"{bad[0][0]}: {bad[0][1]} ({len(bad)} unreadable {split} images); "
                         f"fix or remove them and rerun `dvc repro`")
     y_true = np.asarray(labels)
-    metrics, cm, probs = classification_metrics(y_true, logits, class_names, cfg["calibration_bins"])
+    temperature = ckpt.get("temperature", 1.0)
+    metrics, cm, probs = classification_metrics(y_true, logits, class_names, cfg["calibration_bins"], temperature)
     if cfg["tta"]:  # beside the plain numbers, which the figures and per-class numbers keep
         tta_logits, _ = classify_files(model, ckpt, paths, device, **how, desc="evaluate (flipped)", tta=True)
         tta, _, _ = classification_metrics(y_true, tta_logits, class_names, cfg["calibration_bins"])
@@ -152,6 +159,12 @@ def main():
 
     save_figure(confusion_figure(cm, class_names, f"{split} split: {len(paths)} images, "
                                  f"accuracy {metrics['accuracy']:.3f}"), CONFUSION_PNG)
+    raw = torch.softmax(torch.as_tensor(logits, dtype=torch.float64) * temperature, 1).numpy()
+    curves = {f"calibrated (T={temperature:.2f}), ECE {metrics['ece']:.3f}": probs.max(1),
+              f"uncalibrated, ECE {metrics['ece_uncalibrated']:.3f}": raw.max(1)}
+    save_figure(reliability_figure(curves if temperature != 1.0 else dict(list(curves.items())[1:]),
+                                   probs.argmax(1) == y_true, cfg["calibration_bins"],
+                                   f"Reliability, {split} split ({len(paths)} images)"), RELIABILITY_PNG)
     worst = confidently_wrong(y_true, probs, cfg["misclassified_images"])
     titles = [f"{Path(paths[i]).name}\ntrue: {class_names[y_true[i]]}\npredicted: {class_names[probs[i].argmax()]} "
               f"({probs[i].max():.0%})" for i in worst]
@@ -163,11 +176,12 @@ def main():
 
     if ckpt.get("mlflow_run_id"):
         tracking.log_evaluation(params, ckpt["mlflow_run_id"], split, metrics,
-                                artifacts=[CONFUSION_CSV, CONFUSION_PNG, MISCLASSIFIED_PNG])
+                                artifacts=[CONFUSION_CSV, CONFUSION_PNG, MISCLASSIFIED_PNG, RELIABILITY_PNG])
     print(per_class_report(metrics, class_names))
     top5 = f", top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else ""
     print(f"evaluate: {split} accuracy {metrics['accuracy']:.4f}{top5}, macro F1 {metrics['macro_f1']:.4f}, "
-          f"ECE {metrics['ece']:.4f} on {len(paths)} images -> {EVAL_METRICS}, {CONFUSION_PNG}, {MISCLASSIFIED_PNG}")
+          f"ECE {metrics['ece']:.4f} ({metrics['ece_uncalibrated']:.4f} uncalibrated) on {len(paths)} images "
+          f"-> {EVAL_METRICS}, {CONFUSION_PNG}, {MISCLASSIFIED_PNG}, {RELIABILITY_PNG}")
 
 
 if __name__ == "__main__":

@@ -33,10 +33,11 @@ from src.data.loaders import ImageFiles, make_loader
 from src.data.manifest import load_class_names, read_manifest, rows_for
 from src.data.transforms import train_transform
 from src.inference.classify import classify_files
-from src.networks.checkpoint import load_trained_model
+from src.networks.checkpoint import eval_image_size, load_trained_model, save_checkpoint
 from src.networks.pretrained import normalization
 from src.networks.transfer import create_model, set_transfer_phase
 from src.search.report import TrialReport
+from src.training.calibration import fit_temperature, fold_temperature
 from src.training.distributed import (
     any_rank,
     check_ranks_agree,
@@ -55,8 +56,9 @@ CACHE_LIMIT = 20_000  # cache decoded images in memory below this many (train.ca
 def load_data(params, class_names, device, dist):
     """(train dataset, val images (this rank's share) and all val labels, loader workers).
 
-    The val images are read exactly as evaluate reads them (`ImageFiles`), so the val accuracy
-    that picks the best epoch is the one evaluate reports for these weights on the same split.
+    The val images are read exactly as evaluate reads them (`ImageFiles`, at data.eval_image_size),
+    so the val accuracy that picks the best epoch is the one evaluate reports for these weights on
+    the same split.
     Under torchrun each rank reads every world_size-th val image (`evaluate` reassembles them).
     """
     data, cfg = params["data"], params["train"]
@@ -70,7 +72,7 @@ def load_data(params, class_names, device, dist):
     augment = train_transform(data["image_size"], cfg["crop_scale"], cfg["hflip"], cfg["augment"],
                               cfg["random_erasing"])
     train_set = ImageListDataset(train_paths, train_labels, augment, cache, side)
-    val = (ImageFiles(val_paths[dist.rank::dist.world_size], data["image_size"], keep=cache),
+    val = (ImageFiles(val_paths[dist.rank::dist.world_size], eval_image_size(data), keep=cache),
            torch.tensor(val_labels, dtype=torch.long))
     workers = decoding_workers(cfg["workers"], len(train_paths), cfg["batch_size"], training=True, cached=cache,
                                on_cpu=device.type == "cpu", processes_per_machine=dist.local_world_size)
@@ -134,7 +136,7 @@ def train_loader(params, train_set, workers, dist, device):
 
 def main():
     process.start()
-    params = load_params()
+    params, filled = load_params(with_filled=True)
     cfg = params["train"]
     dist, device = init_distributed(pick_device(cfg["device"]))
     configure(device, cfg["deterministic"])
@@ -166,6 +168,8 @@ def main():
               f"{len(val[1])} val images, {len(class_names)} classes" + progress.resuming_note())
     # The clock of train.time_budget and train_seconds; a resumed run adds the time it had.
     started = time.time() - plan.elapsed_before(progress.history)
+    flat = [k for k, flat in (("image_size", not cfg["start_image_size"]), ("planned_epochs", not cfg["time_budget"]),
+                              ("lr", cfg["scheduler"] == "none" and not cfg["warmup_epochs"])) if flat]
     trial = TrialReport.from_env() if dist.world_size == 1 else None  # a trial of `python -m src.tune`
     # Opened before the first epoch so an unreachable tracking server fails fast.
     with (tracking.start_training_run(params, read_json(DATA_REPORT)["dataset_digest"], run_id=progress.run_id,
@@ -192,7 +196,7 @@ def main():
                    "planned_epochs": plan.epochs}
             stop = progress.end_epoch(row, model, trainer, generator, gather_rng_states(dist))
             if dist.is_main:
-                tracking.log_epoch(row)
+                tracking.log_epoch(row, flat)
             if trial and not stop and trial.should_stop(progress.history):
                 print(f"train: pruned by the study after epoch {epoch} (a trial far behind the others)")
                 tracking.set_tags({"tune.state": "pruned"})
@@ -201,7 +205,8 @@ def main():
                 break
             epoch += 1
         if dist.is_main:
-            summarise(progress, time.time() - started)
+            summarise(progress, time.time() - started, calibrate(progress, params, class_names, device),
+                      recipe_record(params["recipe"], filled))
     if torch_dist.is_initialized():
         check_ranks_agree(model)
         print(f"train: rank {dist.rank} of {dist.world_size} trained {len(progress.history) - progress.next_epoch + 1} "
@@ -209,16 +214,45 @@ def main():
         torch_dist.destroy_process_group()
 
 
-def summarise(progress, seconds):
-    """metrics/train.json, metrics/train_history.csv and the MLflow run's summary and model."""
+def calibrate(progress, params, class_names, device):
+    """Temperature scaling (`src.training.calibration`): T fitted on every val image with the best
+    weights, folded into model.pt's head and recorded there; 1.0 with train.calibrate off. Starts
+    from the uncalibrated weights each time (a rerun after a kill here fits the same T again)."""
+    if not params["train"]["calibrate"]:
+        return 1.0
+    model, ckpt = load_trained_model(progress.model_path, device)
+    paths, labels = rows_for(read_manifest(), "val", class_names)
+    if not paths:
+        return 1.0
+    logits, _ = classify_files(copy.deepcopy(model), ckpt, paths, device, batch_size=params["train"]["batch_size"],
+                               desc="calibrate")
+    temperature = fit_temperature(logits, labels)
+    state = fold_temperature({k: v.cpu() for k, v in ckpt["model"].items()}, model, temperature)
+    save_checkpoint(progress.model_path, {**ckpt, "model": state, "temperature": temperature})
+    return temperature
+
+
+def recipe_record(name, filled):
+    """The recipe and the values it gave the knobs params.yaml left null, nested as in params.yaml
+    ({"name": "photo", "train": {"lr": 0.002, ...}}): what `dvc exp show` lists as recipe.train.lr."""
+    record = {"name": name}
+    for knob, value in filled.items():
+        section, key = knob.split(".")
+        record.setdefault(section, {})[key] = value
+    return record
+
+
+def summarise(progress, seconds, temperature, recipe):
+    """metrics/train.json, metrics/train_history.csv and the MLflow run's summary and model
+    (MLflow has the effective values of every knob as the run's params already)."""
     best, history = progress.best, progress.history
     metrics = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"],
-               "final_train_acc": history[-1]["train_acc"], "epochs_run": len(history),
+               "temperature": temperature, "final_train_acc": history[-1]["train_acc"], "epochs_run": len(history),
                "train_seconds": round(seconds, 1)}
     best_model, ckpt = load_trained_model(progress.model_path)  # exactly the weights saved
     tracking.finish_training(metrics, history, [CLASS_INDEX, DATA_REPORT], checkpoint=progress.model_path,
                              model=best_model, image_size=ckpt["image_size"])
-    write_json(TRAIN_METRICS, metrics)
+    write_json(TRAIN_METRICS, {**metrics, "recipe": recipe})
     header = list(history[0])
     write_text(TRAIN_HISTORY, ",".join(header) + "\n" + "".join(
         ",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in header) + "\n" for r in history))

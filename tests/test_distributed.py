@@ -47,6 +47,8 @@ from src.data.manifest import load_class_names, read_manifest, rows_for
 from src.networks.checkpoint import load_trained_model
 from src.train import evaluate
 model, ckpt = load_trained_model("models/model.pt")
+with torch.no_grad():  # undo the temperature folded into the head: the weights training validated
+    model.fc.weight *= ckpt["temperature"]; model.fc.bias *= ckpt["temperature"]
 paths, labels = rows_for(read_manifest(), "val", load_class_names())
 print(json.dumps(evaluate(model, ckpt, (ImageFiles(paths, ckpt["image_size"]), torch.tensor(labels)),
                           torch.device("cpu"), 16)))

@@ -155,14 +155,16 @@ def train_then_evaluate(root, source, overrides):
 
 @pytest.mark.slow
 def test_train_best_val_accuracy_is_evaluates_val_accuracy(tmp_path):
-    """A pre-split folder without test/: evaluate measures val, with the weights train chose on val.
-    At 64 px, so CPUs with native bf16 take the bf16 path; the loss agreeing to 1e-9 shows that
-    every image got the same logits both times, not just the same share right."""
+    """A pre-split folder without test/: evaluate measures val, with the weights train chose on val,
+    both at the evaluation size (data.eval_image_size). At 64 px and up, so CPUs with native bf16
+    take the bf16 path; the loss agreeing to 1e-9 shows that every image got the same logits both
+    times, not just the same share right (uncalibrated, so the logits are the validated ones)."""
     source = tmp_path / "photos"
     image_folder(source / "train", per_class=16, size=40, seed=0)
     image_folder(source / "val", per_class=6, size=40, seed=1)
-    train, evaluation = train_then_evaluate(tmp_path, source, {"data.image_size": 64, "train.epochs": 2,
-                                                               "train.batch_size": 16})
+    train, evaluation = train_then_evaluate(tmp_path, source, {"data.image_size": 64, "data.eval_image_size": 72,
+                                                               "train.epochs": 2, "train.batch_size": 16,
+                                                               "train.calibrate": False})
     assert list(evaluation) == ["val"] and evaluation["val"]["images"] == 18
     assert train["best_val_acc"] == evaluation["val"]["accuracy"]
     assert train["best_val_loss"] == pytest.approx(evaluation["val"]["loss"], rel=1e-9)

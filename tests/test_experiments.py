@@ -30,6 +30,7 @@ from conftest import (
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
 EXPERIMENTS = {"r18": "resnet18", "r34": "resnet34"}
+LR = {"r34": 0.001}  # one knob set beside the recipe: it wins over the recipe's (0.002)
 
 
 def experiments_shown(project):
@@ -71,7 +72,8 @@ def queued(tmp_path_factory):
     run(["dvc", "repro", "classes"], project)
     run("git add -A && git commit -qm data", project)
     for name, arch in EXPERIMENTS.items():
-        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"arch={arch}"], project)
+        lr = ["-S", f"train.lr={LR[name]}"] if name in LR else []
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"arch={arch}", *lr], project)
     run(["dvc", "queue", "start", "-j", "2"], project)
     try:
         wait_for_queue(project, list(EXPERIMENTS))
@@ -108,8 +110,15 @@ def test_queued_parallel_runs_land_in_workspace_store_with_dvc_numbers(queued):
             dvc_metrics = flatten(data["metrics"][path]["data"])
             assert dvc_metrics, path
             for key, value in dvc_metrics.items():
-                if "/per_class/" not in key:
+                if key.startswith("recipe."):  # the knobs the recipe filled: the run's params say the same
+                    param = "recipe" if key == "recipe.name" else key.removeprefix("recipe.")
+                    assert logged.data.params[param] == str(value), (name, key)
+                elif "/per_class/" not in key:
                     assert logged.data.metrics[key] == pytest.approx(value, rel=1e-12), (name, key)
+        recipe = flatten(data["metrics"]["metrics/train.json"]["data"])
+        assert recipe["recipe.name"] == "digits" and recipe["recipe.train.optimizer"] == "adam"
+        assert ("recipe.train.lr" in recipe) == (name not in LR)  # set by -S: not the recipe's
+        assert float(logged.data.params["train.lr"]) == LR.get(name, 0.002)
         assert "test/accuracy" in logged.data.metrics
         # Artifacts on disk at the workspace root, not in the deleted temp copy.
         artifacts = Path(logged.info.artifact_uri.removeprefix("file://"))

@@ -12,6 +12,7 @@ import mlflow
 import onnx
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from conftest import env, free_port, run, stop_server, store_uri, wait_until_answers
@@ -35,7 +36,9 @@ def test_export_json_onnx_metadata_and_the_registry_artifact(exported_project, t
     assert metrics["int8"]["top1_agreement"] >= 0.99
     meta = {p.key: p.value for p in onnx.load(str(project / "models/model.onnx")).metadata_props}
     assert json.loads(meta["class_names"]) == CLASSES
-    assert (meta["layout"], meta["image_size"], meta["arch"]) == ("NHWC", "32", "resnet18")
+    assert (meta["layout"], meta["image_size"], meta["arch"]) == ("NHWC", "40", "resnet18")  # the evaluation size
+    ckpt = torch.load(project / "models/model.pt", weights_only=True)  # what export's agreement was measured on:
+    assert (ckpt["image_size"], ckpt["train_image_size"]) == (40, 32) and ckpt["temperature"] != 1.0  # calibrated
     int8 = {p.key: p.value for p in onnx.load(str(project / "models/model.int8.onnx")).metadata_props}
     assert float(int8["top1_agreement_vs_fp32"]) == metrics["int8"]["top1_agreement"]
     run(["dvc", "artifacts", "get", str(project), "resnet-classifier", "-o", str(tmp_path / "got.onnx")], tmp_path)

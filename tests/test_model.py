@@ -6,7 +6,8 @@ import torchvision
 
 from src.core.errors import UserError
 from src.networks.factory import build_model
-from src.networks.resnet import FAMILY
+from src.networks.pretrained import imagenet_weights
+from src.networks.resnet import FAMILY, RESNET_D
 from src.networks.transfer import head_module_name
 
 
@@ -29,7 +30,7 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("arch", list(FAMILY))
+@pytest.mark.parametrize("arch", [a for a in FAMILY if a not in RESNET_D])
 def test_family_equals_torchvision(arch):
     torch.manual_seed(0)
     theirs = torchvision.models.get_model(arch, weights=None).eval()
@@ -52,6 +53,32 @@ def test_family_equals_torchvision(arch):
         theirs.load_state_dict(ours.state_dict(), strict=True)
         expected = ours(x)
         assert (theirs(x) - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_zero_init_residual_zeroes_the_batchnorms_torchvision_zeroes(arch):
+    theirs = torchvision.models.get_model(arch, weights=None, zero_init_residual=True).state_dict()
+    ours = build_model(arch, 1000, zero_init_residual=True).state_dict()
+    zeroed = {k for k, v in ours.items() if k.endswith(".weight") and v.ndim == 1 and not v.any()}
+    assert zeroed == {k for k, v in theirs.items() if k.endswith(".weight") and v.ndim == 1 and not v.any()}
+    assert zeroed and all(k.endswith(("bn2.weight", "bn3.weight")) for k in zeroed)
+    assert not {k for k, v in build_model(arch, 1000).state_dict().items() if k in zeroed and not v.any()}
+
+
+def test_resnet_d_has_the_deep_stem_and_average_pool_shortcuts_and_timms_size():
+    model = build_model("resnet50d", 5)
+    assert [type(m).__name__ for m in model.conv1] == ["Conv2d", "BatchNorm2d", "ReLU"] * 2 + ["Conv2d"]
+    assert all(m.kernel_size == (3, 3) for m in model.conv1 if isinstance(m, nn.Conv2d))
+    for layer in (model.layer2, model.layer3, model.layer4):  # the stride-2 shortcuts
+        pool, conv, _ = layer[0].downsample
+        assert isinstance(pool, nn.AvgPool2d) and conv.stride == (1, 1)
+    assert not isinstance(model.layer1[0].downsample[0], nn.AvgPool2d)  # stride 1: plain 1x1 conv
+    # timm's resnet50d and resnet18d (1000 classes) have these many parameters
+    assert n_params(build_model("resnet50d", 1000)) == 25_576_264
+    assert n_params(build_model("resnet18d", 1000)) == 11_708_744
+    assert build_model("resnext50d_32x4d", 3)(torch.randn(2, 3, 48, 48)).shape == (2, 3)
+    with pytest.raises(UserError, match="torchvision has no ImageNet weights for arch=resnet18d"):
+        imagenet_weights("resnet18d")
 
 
 def test_include_top_false_is_torchvisions_backbone():

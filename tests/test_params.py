@@ -6,6 +6,7 @@ import yaml
 
 from src.core.errors import UserError, first_line
 from src.core.params import load_params, validate
+from src.core.recipes import DIGITS, PHOTO, PHOTO_FINETUNE, fill
 
 from conftest import REPO, python, run, set_params
 
@@ -39,9 +40,14 @@ BAD = [
 ]
 
 
+def shipped():
+    """params.yaml as shipped, its null knobs filled by the recipe (the sample's: digits)."""
+    return fill(yaml.safe_load((REPO / "params.yaml").read_text()))[0]
+
+
 @pytest.mark.parametrize("dotted, value, expected", BAD)
 def test_validator_names_key_and_allowed_values(dotted, value, expected):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = shipped()
     bad = copy.deepcopy(params)
     node = bad
     *parents, last = dotted.split(".")
@@ -72,7 +78,7 @@ def test_bad_param_fails_before_data_loads(project, dotted, value, expected):
 
 
 def test_yaml_inf_is_refused_when_params_yaml_is_read(tmp_path):
-    text = (REPO / "params.yaml").read_text().replace("  lr: 0.002", "  lr: .inf")
+    text = (REPO / "params.yaml").read_text().replace("  lr: null", "  lr: .inf")
     assert "lr: .inf" in text
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(UserError, match=r"train.lr=inf is not allowed; use a finite number > 0"):
@@ -82,7 +88,7 @@ def test_yaml_inf_is_refused_when_params_yaml_is_read(tmp_path):
 @pytest.mark.parametrize("url", ["https://bob:hunter2@example.com/photos.zip",
                                  "https://example.com/photos.zip?X-Amz-Signature=hunter2&X-Amz-Expires=60"])
 def test_url_with_credentials_is_refused_without_printing_them(url):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = shipped()
     params["data"]["source"] = url
     with pytest.raises(UserError) as e:
         validate(params)
@@ -97,7 +103,8 @@ def test_unknown_top_level_key_through_dvc(project):
     set_params(project, {"trian": {"epochs": 1}})
     result = run(["dvc", "repro", "train"], project, check=False)
     assert result.returncode != 0
-    assert "error: params.yaml: unknown key 'trian'; allowed here: arch, seed, data" in result.stderr + result.stdout
+    expected = "error: params.yaml: unknown key 'trian'; allowed here: arch, recipe, seed, data"
+    assert expected in result.stderr + result.stdout
     assert not (project / "data" / "raw").exists()  # stopped at the first stage, before ingesting
 
 
@@ -106,3 +113,46 @@ def test_error_messages_survive_exceptions_that_say_nothing():
     assert first_line(OSError("\n  \n")) == "OSError"
     assert first_line(RuntimeError("\n  first\nsecond")) == "first"
     assert first_line(RuntimeError("x" * 500), 120) == "x" * 120
+
+
+def recipe_params(tmp_path, **changes):
+    """load_params of the shipped params.yaml with `changes` ({"data.source": ...}) written in."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        node = params
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return load_params(tmp_path / "params.yaml", with_filled=True)
+
+
+def effective(params, recipe):
+    return {knob: params[knob.split(".")[0]][knob.split(".")[1]] for knob in recipe}
+
+
+def test_the_switch_gives_photos_the_photo_recipe_the_sample_digits_and_pretrained_weights_fine_tuning(tmp_path):
+    photos = recipe_params(tmp_path, **{"data.source": str(tmp_path)})[0]
+    assert photos["recipe"] == "photo" and effective(photos, PHOTO) == PHOTO
+    sample, filled = recipe_params(tmp_path)
+    assert sample["recipe"] == "digits" and effective(sample, DIGITS) == DIGITS == filled
+    tuned = recipe_params(tmp_path, **{"data.source": str(tmp_path), "model.pretrained": "imagenet"})[0]
+    assert tuned["recipe"] == "photo-finetune" and effective(tuned, PHOTO_FINETUNE) == PHOTO_FINETUNE
+    assert PHOTO_FINETUNE["train.lr"] < PHOTO["train.lr"]
+    forced = recipe_params(tmp_path, recipe="photo")[0]  # the switch itself, on the sample
+    assert effective(forced, PHOTO) == PHOTO
+
+
+def test_a_knob_given_a_value_wins_over_the_recipe_and_only_nulls_are_filled(tmp_path):
+    params, filled = recipe_params(tmp_path, **{"data.source": str(tmp_path), "train.hflip": 0.25})
+    assert params["train"]["hflip"] == 0.25 and "train.hflip" not in filled
+    assert params["train"]["optimizer"] == PHOTO["train.optimizer"] and filled["train.optimizer"] == "adamw"
+    assert set(filled) == set(PHOTO) - {"train.hflip"}
+
+
+def test_a_bad_recipe_and_a_null_the_recipe_does_not_fill_are_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"^params.yaml: recipe='fast' is not allowed; use auto \| photo \| digits$"):
+        recipe_params(tmp_path, recipe="fast")
+    with pytest.raises(UserError, match=r"^params.yaml: train.momentum=None is not allowed"):
+        recipe_params(tmp_path, **{"train.momentum": None})

@@ -30,6 +30,10 @@ def test_repro_end_to_end_then_noop(digits_project):
     test_rows = [r for r in manifest if r["split"] == "test"]
     assert evaluation["test/images"] == len(test_rows)
     assert evaluation["test/accuracy"] > 0.3  # 2 epochs at 16 px: far above chance (0.1)
+    # Temperature scaling, fitted on val, recorded in train.json; both calibration errors reported.
+    assert 0.05 < train["temperature"] < 20 and train["temperature"] != 1.0
+    assert {"test/ece", "test/ece_uncalibrated", "test/loss_uncalibrated"} <= set(evaluation)
+    assert (project / "metrics/reliability.png").stat().st_size > 0
 
     predictions = read_csv(project / "data/predictions.csv")
     assert [p["file"] for p in predictions] == [r["path"] for r in test_rows]
@@ -40,6 +44,7 @@ def test_repro_end_to_end_then_noop(digits_project):
     assert runs[0].data.params["arch"] == "resnet18"
     assert runs[0].data.metrics["test/accuracy"] == evaluation["test/accuracy"]
     assert runs[0].data.metrics["best_val_acc"] == train["best_val_acc"]
+    assert runs[0].data.metrics["test/ece_uncalibrated"] == evaluation["test/ece_uncalibrated"]
 
     again = run(["dvc", "repro"], project)
     assert "up to date" in again.stdout

@@ -50,7 +50,7 @@ def test_training_run_records_everything_and_logged_model_predicts_like_checkpoi
 
     with tracking.start_training_run(params, digest) as run:
         for row in history:
-            tracking.log_epoch(row)
+            tracking.log_epoch(row, flat=["lr"])  # lr constant in this run: not worth a chart
         best, ckpt = load_trained_model("models/model.pt")
         tracking.finish_training({"best_val_acc": 0.5}, history, ["data/class_indices.json"],
                                  checkpoint="models/model.pt", model=best, image_size=ckpt["image_size"])
@@ -69,6 +69,9 @@ def test_training_run_records_everything_and_logged_model_predicts_like_checkpoi
     assert per_class["columns"] == ["class", "f1", "support"] and per_class["data"] == [["cross", 1.0, 3]]
     val_acc = client.get_metric_history(run.info.run_id, "curves/val_acc")
     assert [(m.step, m.value) for m in val_acc] == [(1, 0.25), (2, 0.5)]
+    # The decisive curves in the chart view's first section, the rest under training/, no flat line.
+    assert {k for k in logged.data.metrics if "/" in k and not k.startswith("test/")} == {
+        "curves/val_acc", "curves/val_loss", "training/train_acc", "training/train_loss"}
     dataset = logged.inputs.dataset_inputs[0].dataset
     assert dataset.name == params["data"]["source"] and dataset.digest == digest[:36]
 

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 from PIL import Image
 
+from src.core import recipes
 from src.core.errors import UserError, first_line
 
 
@@ -104,6 +105,7 @@ MAX_WORKERS = 1024
 PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses bigger images whatever we allow
 SCHEMA = {
     "arch": text,  # checked against the model registry when the model is built
+    "recipe": choice(*recipes.CHOICES),
     "seed": integer(0, 2**32 - 1),  # numpy's seed range; torch takes up to 2**64 - 1 (seed + rank, + epoch)
     "data": {
         "source": data_source,
@@ -111,6 +113,7 @@ SCHEMA = {
         "val": number(0, 1, hi_open=True),
         "test": number(0, 1, hi_open=True),
         "image_size": integer(1, 4096),
+        "eval_image_size": integer(0, 4096),
         "max_pixels": integer(1, PILLOW_MAX_PIXELS),
     },
     "model": {
@@ -118,6 +121,7 @@ SCHEMA = {
         "transfer": choice("finetune", "freeze", "head_first"),
         "head_epochs": integer(0, MAX_EPOCHS),
         "freeze_bn": choice(True, False),
+        "zero_init_residual": choice(True, False),
     },
     "train": {
         # schedule
@@ -149,6 +153,7 @@ SCHEMA = {
         "label_smoothing": number(0, 1, hi_open=True),
         "ema_decay": number(0, 1, hi_open=True),
         "class_balance": choice("none", "loss", "sampler"),
+        "calibrate": choice(True, False),
         # run-time (how, not what, is trained)
         "device": choice("auto", "cuda", "mps", "cpu"),
         "precision": choice("auto", "fp32", "bf16", "fp16"),
@@ -236,8 +241,13 @@ def read_yaml(path, missing="run the stages from the repository root"):
         raise UserError(f"{path} is not valid YAML: {first_line(e)}") from None
 
 
-def load_params(path="params.yaml"):
-    return validate(read_yaml(path))
+def load_params(path="params.yaml", with_filled=False):
+    """params.yaml checked, its null knobs filled from the recipe (`src.core.recipes`) and `recipe`
+    set to the one used; with_filled: (params, {knob: value} the recipe filled)."""
+    params, filled = recipes.fill(read_yaml(path))
+    validate(params)
+    params["recipe"] = recipes.recipe_name(params)
+    return (params, filled) if with_filled else params
 
 
 def flatten(params, prefix="", sep="."):

@@ -21,6 +21,7 @@ EVAL_METRICS = Path("metrics/eval.json")
 CONFUSION_CSV = Path("metrics/confusion.csv")
 CONFUSION_PNG = Path("metrics/confusion.png")
 MISCLASSIFIED_PNG = Path("metrics/misclassified.png")
+RELIABILITY_PNG = Path("metrics/reliability.png")  # evaluate: calibration before and after temperature scaling
 PREDICTIONS = Path("data/predictions.csv")
 ONNX_MODEL = Path("models/model.onnx")            # export: fp32, uint8 images in, probabilities out
 ONNX_INT8_MODEL = Path("models/model.int8.onnx")  # export: the same, int8 (static, calibrated)

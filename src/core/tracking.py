@@ -143,12 +143,20 @@ def set_tags(tags):
     mlflow.set_tags(tags)
 
 
-def log_epoch(row):
-    """Per-epoch metrics of the active run, step = epoch, as curves/train_loss, curves/val_acc, ...
+DECISIVE = ("val_acc", "val_loss")  # the curves that pick the weights: the chart view's first section
 
-    The UI's chart view shows sections of metrics grouped by their prefix, in alphabetical
-    order, before the unprefixed ones: "curves" comes first, then the evaluation's "test"/"val"."""
-    mlflow.log_metrics({f"curves/{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+def log_epoch(row, flat=()):
+    """Per-epoch metrics of the active run, step = epoch: curves/val_acc and curves/val_loss, then
+    the rest as training/train_loss, training/lr, ... Keys in `flat` (series that cannot vary in
+    this run, e.g. image_size without progressive resizing) are not logged: flat lines only push
+    the decisive charts down.
+
+    The UI's chart view shows sections of metrics grouped by their prefix, in alphabetical order,
+    before the unprefixed ones: "curves" first, then the evaluation's "test" (or "val") headline,
+    then "training"."""
+    mlflow.log_metrics({f"{'curves' if k in DECISIVE else 'training'}/{k}": v for k, v in row.items()
+                        if k != "epoch" and k not in flat}, step=row["epoch"])
 
 
 def log_files(paths, artifact_path=None):

@@ -49,6 +49,27 @@ def confusion_figure(cm, class_names, title):
     return fig
 
 
+def reliability_figure(curves, correct, bins, title):
+    """Accuracy against confidence in equal-width bins, one line per {name: confidences}: on the
+    diagonal a model is as sure as it is right; below it, overconfident."""
+    from matplotlib import pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for name, confidence in curves.items():
+        which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+        used = [b for b in range(bins) if (which == b).any()]
+        ax.plot([confidence[which == b].mean() for b in used], [correct[which == b].mean() for b in used],
+                marker="o", label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 def image_grid(paths, titles, title=None, title_colors=None, columns=4):
     """Each image (a file, decoded as training decodes it, or an H x W x 3 uint8 array) above its title."""
     from matplotlib import pyplot as plt

@@ -41,10 +41,18 @@ def model_state(state):
     return state
 
 
+def eval_image_size(data):
+    """The crop size validation, evaluate, predict, export and serving use (data.eval_image_size,
+    0: the training size data.image_size)."""
+    return data["eval_image_size"] or data["image_size"]
+
+
 def describe(params, class_names, mean_std):
-    """What prediction needs besides the weights: network, classes and input preprocessing."""
+    """What prediction needs besides the weights: network, classes and input preprocessing.
+    image_size is the evaluation size (every inference path reads it); train_image_size the crops'."""
     return {"arch": params["arch"], "num_classes": len(class_names), "class_names": class_names,
-            "image_size": params["data"]["image_size"], "mean": mean_std["mean"], "std": mean_std["std"],
+            "image_size": eval_image_size(params["data"]), "train_image_size": params["data"]["image_size"],
+            "mean": mean_std["mean"], "std": mean_std["std"],
             "params": params}
 
 

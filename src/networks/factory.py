@@ -16,14 +16,18 @@ def available_archs():
     return sorted(set(FAMILY) | set(torchvision_archs()))
 
 
-def build_model(arch, num_classes, include_top=True):
+def build_model(arch, num_classes, include_top=True, **options):
     """A freshly initialised `arch` with a `num_classes`-way head (never loads weights).
 
     include_top=False (ResNet family only) drops avgpool and fc: the model returns the
-    last feature map, a backbone for feature extraction.
+    last feature map, a backbone for feature extraction. `options` (ResNet family only):
+    zero_init_residual.
     """
     if arch in FAMILY:
-        return FAMILY[arch](num_classes=num_classes, include_top=include_top)
+        return FAMILY[arch](num_classes=num_classes, include_top=include_top, **options)
+    if options:
+        raise UserError(f"{', '.join(f'model.{k}' for k in options)} is for the ResNet family ({', '.join(FAMILY)}), "
+                        f"not {arch}")
     if arch in torchvision_archs():
         if not include_top:
             raise UserError(f"include_top=False is built for the ResNet family ({', '.join(FAMILY)}), "

@@ -24,7 +24,11 @@ DOWNLOAD_TIMEOUT = 3
 
 def imagenet_weights(arch):
     """torchvision's default ImageNet weights of `arch`: url, transforms (mean/std) and meta."""
-    return torchvision.models.get_model_weights(arch).DEFAULT
+    try:
+        return torchvision.models.get_model_weights(arch).DEFAULT
+    except ValueError:  # resnet18d and the like: built here, not by torchvision
+        raise UserError(f"model.pretrained=imagenet: torchvision has no ImageNet weights for arch={arch}; "
+                        f"use model.pretrained=none or the path of a weights file") from None
 
 
 def imagenet_file(arch):

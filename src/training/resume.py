@@ -29,6 +29,7 @@ def fingerprint(params, data_files, world_size):
     """
     h = hashlib.sha256()
     shaping = {"arch": params["arch"], "seed": params["seed"], "image_size": params["data"]["image_size"],
+               "eval_image_size": params["data"]["eval_image_size"],
                "model": params["model"], "train": params["train"], "world_size": world_size}
     h.update(json.dumps(shaping, sort_keys=True).encode())
     for path in data_files:
