@@ -263,7 +263,7 @@ def exported_project(tmp_path_factory):
     project = make_project(root / "project", {
         "data.source": str(root / "images"), "data.image_size": 32, "data.eval_image_size": 40, "data.val": 0.2,
         "data.test": 0.25,
-        "train.epochs": 4, "export.calibration_images": 16, "mlflow.register_model": "shapes"})
+        "train.epochs": 4, "train.batch_size": 8, "export.calibration_images": 16, "mlflow.register_model": "shapes"})
     run(["dvc", "repro", "export"], project)
     run("git add -A && git commit -qm trained && git tag -a resnet-classifier@v0.1.0 -m v0.1.0", project)
     with open(project / "data/manifest.csv", newline="") as f:

@@ -29,13 +29,18 @@ def reference_ece(confidence, correct, bins):
     return total
 
 
-def sklearn_metrics(y_true, probs, class_names):
+def sklearn_metrics(y_true, probs, class_names, uncalibrated=None):
+    """eval.json's numbers by scikit-learn; `uncalibrated`: the probabilities before temperature
+    scaling (default: `probs`, a model without it)."""
     labels = list(range(len(class_names)))
     y_pred = probs.argmax(1)
+    raw = probs if uncalibrated is None else uncalibrated
     expected = {"images": len(y_true), "accuracy": skm.accuracy_score(y_true, y_pred),
                 "balanced_accuracy": skm.balanced_accuracy_score(y_true, y_pred),
                 "loss": skm.log_loss(y_true, probs, labels=labels),
-                "ece": reference_ece(probs.max(1), y_pred == y_true, 15)}
+                "ece": reference_ece(probs.max(1), y_pred == y_true, 15),
+                "loss_uncalibrated": skm.log_loss(y_true, raw, labels=labels),
+                "ece_uncalibrated": reference_ece(raw.max(1), y_pred == y_true, 15)}
     if len(class_names) > 5:
         expected["top5_accuracy"] = skm.top_k_accuracy_score(y_true, probs, k=5, labels=labels)
     for avg in ("macro", "weighted"):
@@ -95,9 +100,13 @@ def test_eval_json_equals_scikit_learn_on_the_same_predictions(evaluated):
     assert ckpt["class_names"] == CLASSES
     paths = [project / r["path"] for r in confusion]
     y_true = np.array([CLASSES.index(r["actual"]) for r in confusion])
-    probs = torch.softmax(tutorial_logits(model, ckpt, paths).double(), 1).numpy()
+    logits = tutorial_logits(model, ckpt, paths).double()
+    probs = torch.softmax(logits, 1).numpy()
     assert [CLASSES[i] for i in probs.argmax(1)] == [r["predicted"] for r in confusion]
-    assert_same_metrics(results, sklearn_metrics(y_true, probs, CLASSES), rel=1e-5, abs=1e-6)
+    # Calibrated at training: the checkpoint's temperature undoes it.
+    uncalibrated = torch.softmax(logits * ckpt["temperature"], 1).numpy()
+    assert ckpt["temperature"] != 1.0 and results["loss"] != pytest.approx(results["loss_uncalibrated"])
+    assert_same_metrics(results, sklearn_metrics(y_true, probs, CLASSES, uncalibrated), rel=1e-5, abs=1e-6)
 
     # Logged into the training's MLflow run: headline metrics named after the split, per class as a table.
     client = use_store(project)
@@ -109,7 +118,8 @@ def test_eval_json_equals_scikit_learn_on_the_same_predictions(evaluated):
     rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
     assert list(rows) == CLASSES and rows["gnu & co"]["f1"] == pytest.approx(results["per_class"]["gnu & co"]["f1"])
     logged = {a.path for a in client.list_artifacts(ckpt["mlflow_run_id"])}
-    assert {"confusion.png", "misclassified.png", "confusion.csv", "per_class_metrics.json"} <= logged, logged
+    assert {"confusion.png", "misclassified.png", "reliability.png", "confusion.csv",
+            "per_class_metrics.json"} <= logged, logged
 
 
 @pytest.mark.slow
@@ -142,7 +152,7 @@ def test_few_classes_have_no_top5_and_match_scikit_learn():
     assert "top5_accuracy" not in results
     assert cm.sum() == 50 and (cm.sum(1) == np.bincount(y_true, minlength=3)).all()
     expected = sklearn_metrics(y_true, probs, names)
-    expected["ece"] = reference_ece(probs.max(1), probs.argmax(1) == y_true, 10)
+    expected["ece"] = expected["ece_uncalibrated"] = reference_ece(probs.max(1), probs.argmax(1) == y_true, 10)
     assert_same_metrics(results, expected, rel=1e-9, abs=1e-12)
 
 

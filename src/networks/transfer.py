@@ -15,7 +15,7 @@ def create_model(params, num_classes):
     cfg = params["model"]
     path = pretrained_path(params)  # first: a missing weights file fails before anything slow
     model = build_model(params["arch"], num_classes,
-                        **({"zero_init_residual": True} if cfg["zero_init_residual"] else {}))
+                        **({"zero_init_residual": True} if cfg.get("zero_init_residual") else {}))
     if path is not None:
         new_head = load_pretrained(model, read_weights(path), num_classes, f"model.pretrained={cfg['pretrained']}")
         print(f"model: {params['arch']} with weights from {path}"
