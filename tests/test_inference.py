@@ -14,10 +14,12 @@ from src.data.loaders import ImageFiles, decoded_batches
 from src.inference.classify import forward, prepare_for_inference
 from src.inference.rewrites import (
     BitsReLU,
+    Fp32Head,
     MeanPaddedPixelConv,
     NormalizedInputConv,
     fold_normalization,
     fold_normalization_for_uint8,
+    use_fp32_head,
 )
 from src.networks.factory import build_model
 
@@ -99,6 +101,7 @@ def test_bf16_inference_on_cpu_swaps_relus_and_gives_the_same_logits():
         # The plain ReLUs' model in the same precision and memory format (channels_last only where
         # bf16 is native: oneDNN's NCHW and NHWC bf16 kernels round differently).
         layout = torch.channels_last if run.channels_last else torch.contiguous_format
+        assert isinstance(fast.fc, Fp32Head) and use_fp32_head(plain)  # the head in fp32 in both
         want = forward(plain.to(memory_format=layout), images, run)
     assert torch.equal(got, want)
 

@@ -15,7 +15,7 @@ from src.core.device import Normalizer, RawPixels, RunSettings, pick_precision, 
 from src.core.errors import first_line
 from src.core.process import inference_rewrites
 from src.data.loaders import ImageFiles, image_batches
-from src.inference.rewrites import fold_normalization, use_bits_relus
+from src.inference.rewrites import fold_normalization, use_bits_relus, use_fp32_head
 
 
 def prepare_for_inference(model, device, image_size, mean_std, *, precision="auto", precision_param="precision"):
@@ -35,6 +35,8 @@ def prepare_for_inference(model, device, image_size, mean_std, *, precision="aut
         except Exception:  # a network torch.fx can't trace (data-dependent control flow) runs unfolded
             pass
     amp_dtype = pick_precision(precision, device, image_size, precision_param)
+    if amp_dtype is not None:
+        use_fp32_head(model)
     on_graph = rewrites and device.type == "cpu" and isinstance(model, torch.fx.GraphModule)
     if on_graph and amp_dtype == torch.bfloat16:
         use_bits_relus(model)

@@ -40,6 +40,30 @@ def use_bits_relus(model):
             setattr(model.get_submodule(parent), attr, BitsReLU(module.inplace))
 
 
+class Fp32Head(nn.Module):
+    """The classification head in fp32 under bf16/fp16 autocast. Its weights carry the calibration
+    temperature (W / T), which low precision would round differently from W: near-ties would
+    flip between training's validation (before calibration) and evaluate (after). In fp32 the
+    head is exactly as decisive either way; it is a tiny share of the work."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return self.linear(x.float())
+
+
+def use_fp32_head(model):
+    """Wrap the model's last Linear layer (its head) in Fp32Head; False if it has none."""
+    name = next((n for n, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)), None)
+    if name is None:
+        return False
+    model.set_submodule(name, Fp32Head(model.get_submodule(name)))
+    return True
+
+
 def fold_into_conv(conv, mean, std):
     """Normalize(x / 255) = x * a + s per channel (a = 1 / (255 std), s = -mean / std) folded into
     `conv`: (W and s in float64, conv(W, s) per output channel, weight W * a and bias b + conv(W, s)
