@@ -24,11 +24,11 @@ def images(tmp_path):
 
 def test_resnext_and_efficientnet_run_as_experiments(project, images):
     for arch in ("resnext50_32x4d", "efficientnet_b0"):
+        # To train: its validation scores val through evaluate's own path (BatchNorm folding, ...).
         run(["dvc", "exp", "run", "-S", f"arch={arch}", "-S", "train.epochs=1", "-S", f"data.source={images}",
-             "-n", arch, "evaluate"], project)
+             "-n", arch, "train"], project)
         train = json.loads((project / "metrics/train.json").read_text())
-        evaluation = json.loads((project / "metrics/eval.json").read_text())
-        assert train["epochs_run"] == 1 and evaluation["test/images"] > 0
+        assert train["epochs_run"] == 1 and 0 <= train["best_val_acc"] <= 1 and train["temperature"] > 0
         ckpt = torch.load(project / "models/model.pt", weights_only=True)
         assert ckpt["arch"] == arch and ckpt["num_classes"] == 3
 

@@ -29,8 +29,8 @@ from conftest import (
 
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
 
-EXPERIMENTS = {"r18": "resnet18", "r34": "resnet34"}
-LR = {"r34": 0.001}  # one knob set beside the recipe: it wins over the recipe's (0.002)
+EXPERIMENTS = {"r18": "resnet18", "r18d": "resnet18d"}  # ResNet-D: the same cost, another network
+LR = {"r18d": 0.001}  # one knob set beside the recipe: it wins over the recipe's (0.002)
 
 
 def experiments_shown(project):
@@ -126,15 +126,15 @@ def test_queued_parallel_runs_land_in_workspace_store_with_dvc_numbers(queued):
         for rel in ("checkpoint/model.pt", "plots/training_curves.png", "class_indices.json",
                     "data_report.json", "confusion.csv"):
             assert (artifacts / rel).stat().st_size > 0, rel
-    assert runs["r18"].data.tags["dataset_digest"] == runs["r34"].data.tags["dataset_digest"]  # same images
+    assert runs["r18"].data.tags["dataset_digest"] == runs["r18d"].data.tags["dataset_digest"]  # same images
     assert not list((queued / ".dvc/tmp/exps").glob("*/mlflow.db"))
 
 
 def test_exp_apply_restores_weights_of_the_run_and_its_mlflow_model_predicts_alike(queued):
-    run(["dvc", "exp", "apply", "r34"], queued)
+    run(["dvc", "exp", "apply", "r18d"], queued)
     ckpt = torch.load(queued / "models/model.pt", weights_only=True)
-    logged = store_runs(queued)["r34"]
-    assert ckpt["arch"] == "resnet34" and ckpt["mlflow_run_id"] == logged.info.run_id
+    logged = store_runs(queued)["r18d"]
+    assert ckpt["arch"] == "resnet18d" and ckpt["mlflow_run_id"] == logged.info.run_id
     artifacts = Path(logged.info.artifact_uri.removeprefix("file://"))
     assert (artifacts / "checkpoint/model.pt").read_bytes() == (queued / "models/model.pt").read_bytes()
     loaded = mlflow.pytorch.load_model(logged.data.tags["model_uri"])

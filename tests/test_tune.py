@@ -100,7 +100,7 @@ def test_local_study_prunes_the_bad_arm_survives_ctrl_c_and_its_best_params_trai
     params_file.write_text("# a user's comment\n" + params_file.read_text())
     # trial 0 good, trial 1 clearly bad (pruned), trial 2 good again (interrupted by Ctrl-C, then rerun)
     write_space(project, start_from=[{"train.lr": GOOD}, {"train.lr": BAD}, {"train.lr": GOOD}],
-                fixed={"train.epochs": 4})
+                fixed={"train.epochs": 3})
     # As from a terminal: SIGINT on. (pytest-xdist's workers ignore it, and children inherit that.)
     worker = subprocess.Popen([python(), "-m", "src.tune"], cwd=project, env=env(), start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -118,7 +118,7 @@ def test_local_study_prunes_the_bad_arm_survives_ctrl_c_and_its_best_params_trai
     assert states == {0: "COMPLETE", 1: "PRUNED", 2: "FAIL", 3: "COMPLETE"}
     assert by_number[2].user_attrs["interrupted"] and by_number[3].params == {"train.lr": GOOD}
     pruned = by_number[1]
-    assert pruned.user_attrs["pruned_at_epoch"] < 4  # stopped before its epochs ended
+    assert pruned.user_attrs["pruned_at_epoch"] < 3  # stopped before its epochs ended
     assert experiments(project) >= {"t-0", "t-1", "t-3"}
     runs = tagged_runs(project)
     assert runs["1"].data.tags["tune.state"] == "pruned" and runs["1"].info.status == "FINISHED"
@@ -131,7 +131,7 @@ def test_local_study_prunes_the_bad_arm_survives_ctrl_c_and_its_best_params_trai
     assert (project / "metrics/tune/trials.csv").read_text().count("\n") == 5
     assert (project / "metrics/tune/history.png").stat().st_size > 0
     params = yaml.safe_load((project / "params.yaml").read_text())
-    assert params["train"]["lr"] == GOOD and params["train"]["epochs"] == 4
+    assert params["train"]["lr"] == GOOD and params["train"]["epochs"] == 3
     assert "# a user's comment" in (project / "params.yaml").read_text()  # kept
     run(["dvc", "repro", "train"], project)  # trains them (or, as here, DVC restores trial 0's identical run)
     lock = yaml.safe_load((project / "dvc.lock").read_text())
