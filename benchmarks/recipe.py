@@ -3,6 +3,7 @@
     python -m benchmarks.recipe                                # every row at 3 minutes
     python -m benchmarks.recipe --budgets 3 10 --rows baseline recipe
     python -m benchmarks.recipe --data DIR --workdir /tmp/recipes   # your photos; keep the project
+    python -m benchmarks.recipe --data DIR --rows recipe --set model.pretrained=/path/model.pt  # fine-tune
 
 It clones this repository's committed HEAD into --workdir, points `data.source` at --data
 (default ../shared/datasets/flowers_dev), runs ingest + split once, then queues one DVC
@@ -157,6 +158,8 @@ def main():
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "flowers_dev")
     parser.add_argument("--budgets", type=float, nargs="+", default=[3], help="minutes of training per run")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="added to every row, e.g. model.pretrained=/path/model.pt (fine-tuning)")
     parser.add_argument("--workdir", type=Path, help="default: a new folder under /tmp, kept")
     parser.add_argument("--table-only", action="store_true", help="print the table of an existing --workdir")
     args = parser.parse_args()
@@ -171,8 +174,9 @@ def main():
     budgets = [int(b) if b == int(b) else b for b in args.budgets]
     started = time.time()
     make_workdir(workdir, args.data.resolve())
+    extra = dict(item.split("=", 1) for item in args.set)
     for name in args.rows:
-        queue(workdir, name, ROWS[name], budgets)
+        queue(workdir, name, {**ROWS[name], **extra}, budgets)
     # The worker it starts outlives the command: no pipe to it, or reading its output never ends.
     subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=workdir, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, check=True)
