@@ -62,7 +62,7 @@ def test_two_workers_in_two_clones_share_one_postgres_study_and_one_mlflow_serve
 
     done = trials(url)
     assert sorted(t.number for t in done) == [0, 1, 2, 3]  # exactly the study's trials, none twice
-    assert {t.state for t in done} == {optuna.trial.TrialState.COMPLETE}
+    assert {t.state for t in done} == {optuna.trial.TrialState.COMPLETE}, [t.user_attrs.get("error") for t in done]
     names = [experiments(clone) & {f"t-{n}" for n in range(4)} for clone in clones]
     assert names[0] | names[1] == {"t-0", "t-1", "t-2", "t-3"} and not names[0] & names[1]
     assert names[0] and names[1], outputs  # both workers took trials

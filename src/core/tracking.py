@@ -74,7 +74,15 @@ def setup(experiment_name):
             # Compared, not read from the environment: set_tracking_uri() exports MLFLOW_TRACKING_URI.
             if uri == local_uri():
                 location = (workspace_root() / "mlartifacts").as_uri()
-            experiment_id = mlflow.create_experiment(experiment_name, artifact_location=location)
+            try:
+                experiment_id = mlflow.create_experiment(experiment_name, artifact_location=location)
+            except mlflow.exceptions.MlflowException as e:
+                # Another machine (a clone logging to the same server) created it meanwhile: the lock
+                # above only covers this workspace.
+                experiment = mlflow.get_experiment_by_name(experiment_name)
+                if experiment is None:
+                    raise e
+                experiment_id = experiment.experiment_id
         else:
             experiment_id = experiment.experiment_id
     return experiment_id
