@@ -34,6 +34,7 @@ from src.data.loaders import make_loader
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from src.networks.factory import build_model
 from src.train import load_data
+from src.training.distributed import Dist
 from src.training.schedule import EpochPlan, make_scheduler
 from src.training.trainer import Trainer, make_optimizer, train_one_epoch
 
@@ -129,7 +130,7 @@ def main():
         os.chdir(tmp)
         write_manifest(paths, classes)
         started = time.perf_counter()
-        train_set, _, workers = load_data(params, classes, device)
+        train_set, _, workers = load_data(params, classes, device, Dist())
         prepare = time.perf_counter() - started
         loader = make_loader(train_set, batch, shuffle=True, workers=workers, pin_memory=device.type == "cuda",
                              drop_last=True)

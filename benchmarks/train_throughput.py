@@ -28,6 +28,7 @@ from src.data.loaders import make_loader
 from src.data.manifest import load_class_names
 from src.networks.transfer import create_model
 from src.train import load_data, run_settings
+from src.training.distributed import Dist
 from src.training.schedule import EpochPlan
 from src.training.trainer import make_optimizer, make_trainer, train_one_epoch
 
@@ -77,7 +78,7 @@ def main():
     channels_last = run.channels_last
     class_names = load_class_names()
     started = time.perf_counter()
-    train_set, _, workers = load_data(params, class_names, device)
+    train_set, _, workers = load_data(params, class_names, device, Dist())
     prepare_seconds = time.perf_counter() - started
     loader = make_loader(train_set, cfg["batch_size"], shuffle=True, workers=workers,
                          pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))

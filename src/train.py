@@ -206,7 +206,7 @@ def main():
             epoch += 1
         if dist.is_main:
             summarise(progress, time.time() - started, calibrate(progress, params, class_names, device),
-                      recipe_record(params["recipe"], filled))
+                      recipe_record(params["recipe"], filled), params["mlflow"]["log_model"])
     if torch_dist.is_initialized():
         check_ranks_agree(model)
         print(f"train: rank {dist.rank} of {dist.world_size} trained {len(progress.history) - progress.next_epoch + 1} "
@@ -242,16 +242,17 @@ def recipe_record(name, filled):
     return record
 
 
-def summarise(progress, seconds, temperature, recipe):
-    """metrics/train.json, metrics/train_history.csv and the MLflow run's summary and model
-    (MLflow has the effective values of every knob as the run's params already)."""
+def summarise(progress, seconds, temperature, recipe, log_model):
+    """metrics/train.json, metrics/train_history.csv and the MLflow run's summary and (log_model)
+    network (MLflow has the effective values of every knob as the run's params already)."""
     best, history = progress.best, progress.history
     metrics = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"],
                "temperature": temperature, "final_train_acc": history[-1]["train_acc"], "epochs_run": len(history),
                "train_seconds": round(seconds, 1)}
     best_model, ckpt = load_trained_model(progress.model_path)  # exactly the weights saved
     tracking.finish_training(metrics, history, [CLASS_INDEX, DATA_REPORT], checkpoint=progress.model_path,
-                             model=best_model, image_size=ckpt["image_size"])
+                             model=best_model if log_model else None,
+                             image_size=ckpt["image_size"])
     write_json(TRAIN_METRICS, {**metrics, "recipe": recipe})
     header = list(history[0])
     write_text(TRAIN_HISTORY, ",".join(header) + "\n" + "".join(

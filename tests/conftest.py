@@ -62,6 +62,7 @@ TINY = {
     "train.epochs": 2,
     "train.batch_size": 64,
     "evaluate.batch_size": 256,
+    "mlflow.log_model": False,  # seconds per training; the tests that load a run's network turn it on
 }
 
 

@@ -66,7 +66,8 @@ def queued(tmp_path_factory):
     """A project whose two queued experiments ran with `dvc queue start -j 2`."""
     root = tmp_path_factory.mktemp("queue")
     images = image_folder(root / "images")
-    project = make_project(root / "project", {"data.source": str(images), "train.epochs": 1})
+    project = make_project(root / "project", {"data.source": str(images), "train.epochs": 1,
+                                                 "mlflow.log_model": True})
     # The data stages reproduced and committed first, as README says: two queued experiments that
     # both run them write the same run-cache entry at once, and DVC fails one of them.
     run(["dvc", "repro", "classes"], project)

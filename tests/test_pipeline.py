@@ -45,6 +45,7 @@ def test_repro_end_to_end_then_noop(digits_project):
     assert runs[0].data.metrics["test/accuracy"] == evaluation["test/accuracy"]
     assert runs[0].data.metrics["best_val_acc"] == train["best_val_acc"]
     assert runs[0].data.metrics["test/ece_uncalibrated"] == evaluation["test/ece_uncalibrated"]
+    assert "model_uri" not in runs[0].data.tags  # mlflow.log_model: false (the tests' setting)
 
     again = run(["dvc", "repro"], project)
     assert "up to date" in again.stdout

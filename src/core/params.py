@@ -187,6 +187,7 @@ SCHEMA = {
     },
     "mlflow": {
         "experiment": text,
+        "log_model": choice(True, False),
         "register_model": optional_text,
     },
 }
