@@ -105,7 +105,7 @@ def main():
         model, ckpt = load_trained_model(tmp / "model.pt", device)
         # bare: the very model predict runs (same rewrites and precision), on crops already in memory.
         bare_model, run = prepare_for_inference(model, device, args.size, ckpt,
-                                                precision=params["predict"]["precision"])
+                                                precision=params["predict"]["precision"], fold_input=not args.compile)
         preloaded = torch.stack([eval_crop(args.size)(Image.open(f).convert("RGB")) for f in files])
         if run.channels_last:
             preloaded = preloaded.contiguous(memory_format=torch.channels_last)

@@ -49,9 +49,13 @@ def test_folded_batchnorm_gives_the_same_logits(arch):
     assert run.amp_dtype is None and not run.channels_last and isinstance(run.pixels, RawPixels)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the caller's model is untouched
+    # For a model about to be compiled, Normalize stays a separate step (inductor fuses it itself).
+    for_compile, compile_run = prepare_for_inference(model, CPU, 32, MEAN_STD, precision="fp32", fold_input=False)
+    assert not isinstance(compile_run.pixels, RawPixels)
     with torch.inference_mode():
         want = as_given(model)(images)
         assert torch.allclose(forward(folded, images, run), want, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(forward(for_compile, images, compile_run), want, atol=1e-4, rtol=1e-4)
 
 
 def test_a_network_fx_cannot_trace_runs_unfolded():

@@ -186,10 +186,10 @@ HYMENOPTERA = SHARED / "hymenoptera"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="no ../shared/datasets/hymenoptera here")
-def test_hymenoptera_keeps_its_split(tmp_path):
+def test_hymenoptera_keeps_its_split(tmp_path, monkeypatch):
     project = make_project(tmp_path / "project", {"data.source": str(HYMENOPTERA), "data.image_size": 64,
                                                   "train.epochs": 1, "train.batch_size": 32})
-    run(["dvc", "repro"], project)
+    run(["dvc", "repro", "evaluate"], project)
     rows = manifest(project)
     for r in rows:
         assert r["split"] == r["path"].split("/")[2], r  # data/raw/<split>/<class>/<file>
@@ -207,8 +207,10 @@ def test_hymenoptera_keeps_its_split(tmp_path):
     assert evaluation["val/images"] == len(val) == 153
     # Real photos of all sizes: training's validation scored them exactly as evaluate does.
     assert json.loads((project / "metrics/train.json").read_text())["best_val_acc"] == evaluation["val/accuracy"]
-    with open(project / "data/predictions.csv", newline="", encoding="utf-8") as f:
-        assert [row["file"] for row in csv.DictReader(f)] == val
+    # ... and so does predict's default input (the stage's `predict.input: test`).
+    from src.predict import expand_inputs
+    monkeypatch.chdir(project)
+    assert [p.as_posix() for p in expand_inputs(["test"])] == val
 
 
 def test_checkpoint_with_other_classes_is_refused(tmp_path):

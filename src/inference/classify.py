@@ -18,12 +18,16 @@ from src.data.loaders import ImageFiles, image_batches
 from src.inference.rewrites import fold_normalization, use_bits_relus, use_fp32_head
 
 
-def prepare_for_inference(model, device, image_size, mean_std, *, precision="auto", precision_param="precision"):
+def prepare_for_inference(model, device, image_size, mean_std, *, precision="auto", precision_param="precision",
+                          fold_input=True):
     """(model, RunSettings) for the fastest inference the hardware allows: eval mode, each
     BatchNorm folded into the conv before it (the same function, one op and one pass over the
     activations fewer per layer), bf16 and channels_last where they pay, on a CPU in bf16 ReLUs
     that work on the bits (`BitsReLU`), and on a CPU Normalize folded into the first conv, so
     batches go in as raw pixel values. `mean_std` is {"mean": ..., "std": ...}.
+    fold_input=False keeps Normalize out of the first conv: for a model about to be compiled, where
+    the folded conv's edge corrections doubled inductor's compile time and ran slower
+    (benchmarks/README.md), while inductor fuses a separate Normalize on its own.
     The rewrites (`src.inference.rewrites`) are off with RESNET_TL_INFERENCE_REWRITES=0."""
     model = model.eval()
     rewrites = inference_rewrites()
@@ -46,7 +50,7 @@ def prepare_for_inference(model, device, image_size, mean_std, *, precision="aut
     pixels = Normalizer(mean_std["mean"], mean_std["std"], device)
     # On a CPU the normalising pass is a few percent of a small model's time; folded into the
     # first conv it is gone. (A GPU does it in no time, and decoding limits it anyway.)
-    if on_graph and fold_normalization(model, mean_std["mean"], mean_std["std"], image_size):
+    if on_graph and fold_input and fold_normalization(model, mean_std["mean"], mean_std["std"], image_size):
         pixels = RawPixels(amp_dtype or torch.float32)
     return model, RunSettings(device, amp_dtype, channels_last, pixels)
 
@@ -54,12 +58,17 @@ def prepare_for_inference(model, device, image_size, mean_std, *, precision="aut
 COMPILE_MIN_FILES = 30_000
 
 
+def compiles(choice, n_files, device):
+    """Whether to torch.compile: when asked; auto: on CPU from 30,000 files, which repay the
+    seconds of compiling (benchmarks/README.md); never on a GPU, where decoding, not the model,
+    limits prediction."""
+    return choice is True or (choice == "auto" and device.type == "cpu" and n_files >= COMPILE_MIN_FILES)
+
+
 def compiled(model, choice, n_files, device):
-    """The model under torch.compile when asked, else None. auto: on CPU from 30,000 files, which
-    repay the seconds of compiling (benchmarks/README.md); never on a GPU, where decoding, not
-    the model, limits prediction. Freezing makes the weights constants that inductor folds and
-    pre-packs (inference only)."""
-    if choice is False or (choice == "auto" and (device.type != "cpu" or n_files < COMPILE_MIN_FILES)):
+    """The model under torch.compile when `compiles`, else None. Freezing makes the weights
+    constants that inductor folds and pre-packs (inference only)."""
+    if not compiles(choice, n_files, device):
         return None
     return torch.compile(model, dynamic=False, options={"freezing": True})
 
@@ -83,8 +92,9 @@ def classify_files(model, ckpt, paths, device, *, batch_size, precision="auto", 
     The rows of unreadable files hold the logits of a blank image: callers skip them.
     """
     size = ckpt["image_size"]
-    model, run = prepare_for_inference(model, device, size, ckpt, precision=precision, precision_param=precision_param)
     files = paths if isinstance(paths, ImageFiles) else ImageFiles(paths, size)
+    model, run = prepare_for_inference(model, device, size, ckpt, precision=precision, precision_param=precision_param,
+                                       fold_input=not compiles(use_compile, len(files), device))
     fast = compiled(model, use_compile, len(files), device)
     all_logits, errors = [torch.empty(0, ckpt["num_classes"])], []
     for images, batch_errors in image_batches(files, batch_size, workers, device, desc):
