@@ -40,21 +40,6 @@ DETERMINISTIC = {"train.epochs": 2, "train.batch_size": 16, "train.precision": "
 # parameters, so after the unfreeze it must synchronise them all again, or the ranks' backbones
 # drift apart (the stage compares the ranks' weights at the end and fails if they differ).
 HEAD_FIRST = {"model.transfer": "head_first", "model.head_epochs": 1}
-SINGLE_PROCESS_VAL = """
-import json, torch
-from src.data.loaders import ImageFiles
-from src.data.manifest import load_class_names, read_manifest, rows_for
-from src.networks.checkpoint import load_trained_model
-from src.train import evaluate
-model, ckpt = load_trained_model("models/model.pt")
-with torch.no_grad():  # undo the temperature folded into the head: the weights training validated
-    model.fc.weight *= ckpt["temperature"]; model.fc.bias *= ckpt["temperature"]
-paths, labels = rows_for(read_manifest(), "val", load_class_names())
-print(json.dumps(evaluate(model, ckpt, (ImageFiles(paths, ckpt["image_size"]), torch.tensor(labels)),
-                          torch.device("cpu"), 16)))
-"""
-
-
 def two_nodes(copies, extra_env=None):
     """`torchrun --nnodes=2` with a c10d rendezvous on 127.0.0.1, each node in its own working copy
     (no shared disk): what two machines would run. Returns (exit code, output) per node."""
@@ -71,6 +56,22 @@ def rank0_copy(copies):
             and torch.load(c / "models/resume.pt", weights_only=True)["finished"]]
     assert len(done) == 1, done
     return done[0]
+
+
+def single_process_val(project):
+    """(val loss, val accuracy) of model.pt's weights as training validated them, in one process."""
+    from src.data.loaders import ImageFiles
+    from src.data.manifest import load_class_names, read_manifest, rows_for
+    from src.networks.checkpoint import load_trained_model
+    from src.train import evaluate
+    model, ckpt = load_trained_model(project / "models/model.pt")
+    with torch.no_grad():  # undo the temperature folded into the head: the weights training validated
+        model.fc.weight *= ckpt["temperature"]
+        model.fc.bias *= ckpt["temperature"]
+    paths, labels = rows_for(read_manifest(project / "data/manifest.csv"), "val",
+                             load_class_names(project / "data/class_indices.json"))
+    return evaluate(model, ckpt, (ImageFiles([project / p for p in paths], ckpt["image_size"]), torch.tensor(labels)),
+                    torch.device("cpu"), 16)
 
 
 def test_two_nodes_without_shared_disk_resume_after_a_kill_where_an_uninterrupted_run_ends(tmp_path):
@@ -100,6 +101,6 @@ def test_two_nodes_without_shared_disk_resume_after_a_kill_where_an_uninterrupte
 
     # Each rank scored half of val; together exactly what one process measures for the same weights.
     where = rank0_copy(copies)
-    loss, accuracy = json.loads(run([python(), "-c", SINGLE_PROCESS_VAL], where).stdout)
+    loss, accuracy = single_process_val(where)
     metrics = json.loads((where / "metrics/train.json").read_text())
     assert accuracy == metrics["best_val_acc"] and loss == pytest.approx(metrics["best_val_loss"], rel=1e-6)

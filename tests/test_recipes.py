@@ -172,10 +172,11 @@ def test_tta_averages_the_plain_and_the_mirrored_logits(tmp_path):
     assert torch.allclose(tta, (plain + mirrored) / 2, atol=1e-4)
 
 
-RECIPES = {  # every knob at least once, on tiny settings; the last one with weight EMA
-    "trivialaugment": {"train.augment": "trivialaugment", "train.random_erasing": 0.5, "train.class_balance": "loss"},
-    "augmix": {"train.augment": "augmix", "train.cutmix": 1.0, "train.class_balance": "sampler"},
-    "randaugment": {"train.augment": "randaugment", "train.mixup": 0.2, "train.ema_decay": 0.99},
+RECIPES = {  # every knob at least once, on tiny settings (each policy alone: above); the last with weight EMA
+    "trivialaugment": {"train.augment": "trivialaugment", "train.random_erasing": 0.5, "train.class_balance": "loss",
+                       "train.cutmix": 1.0},
+    "randaugment": {"train.augment": "randaugment", "train.mixup": 0.2, "train.class_balance": "sampler",
+                    "train.ema_decay": 0.99},
 }
 OFF = {"train.augment": "none", "train.random_erasing": 0.0, "train.mixup": 0.0, "train.cutmix": 0.0,
        "train.ema_decay": 0.0, "train.class_balance": "none"}
@@ -205,14 +206,14 @@ def test_each_recipe_trains_through_the_stage_and_ema_saves_the_average(tmp_path
 
 
 @pytest.mark.slow
-def test_a_30_second_budget_ends_within_ten_percent_with_progressive_resizing(tmp_path):
+def test_a_20_second_budget_ends_within_ten_percent_with_progressive_resizing(tmp_path):
     data = image_folder(tmp_path / "images", size=24)
     project = make_project(tmp_path / "project", {"data.source": str(data), "data.image_size": 32,
-                                                  "train.batch_size": 8, "train.time_budget": 0.5,
+                                                  "train.batch_size": 8, "train.time_budget": 1 / 3,
                                                   "train.start_image_size": 16})
     run(["dvc", "repro", "train"], project)
     metrics = json.loads((project / "metrics/train.json").read_text())
-    assert 27 <= metrics["train_seconds"] <= 33, metrics
+    assert 18 <= metrics["train_seconds"] <= 22, metrics
     history = (project / "metrics/train_history.csv").read_text().splitlines()
     header = history[0].split(",")
     column = lambda name: [int(line.split(",")[header.index(name)]) for line in history[1:]]  # noqa: E731
