@@ -80,7 +80,7 @@ def load_data(params, class_names, device, dist):
 
 
 def evaluate(model, info, val, device, batch_size, dist=None):
-    """(val loss, val accuracy) through evaluate's own path (`classify_files`: its decoding, its
+    """(val loss, val accuracy, val logits) through evaluate's own path (`classify_files`: its decoding, its
     inference rewrites, its precision rule), on a copy so the training model keeps its state.
     The loss is plain cross-entropy in float64, as evaluate reports it (no label smoothing).
     Under torchrun each rank scores its share and every rank gets all the logits, in order: the
@@ -97,7 +97,7 @@ def evaluate(model, info, val, device, batch_size, dist=None):
     if bad:
         raise UserError(f"{bad}; fix or remove it and rerun `dvc repro`")
     loss = F.cross_entropy(logits.double(), labels).item()
-    return loss, (logits.argmax(1) == labels).double().mean().item()
+    return loss, (logits.argmax(1) == labels).double().mean().item(), logits
 
 
 def run_settings(params, device):
@@ -176,7 +176,7 @@ def main():
                                       tags=trial.tags() if trial else None)
           if dist.is_main else contextlib.nullcontext()) as mlflow_run:
         progress.begin(mlflow_run.info.run_id if dist.is_main else None)
-        epoch = progress.next_epoch
+        epoch, best_logits = progress.next_epoch, None
         while plan.more(epoch):
             epoch_start = time.time()
             if isinstance(sampler, DistributedSampler):
@@ -188,13 +188,16 @@ def main():
             train_loss, train_acc = train_one_epoch(train_model, loader, trainer, run, epoch, dist.is_main)
             sync_buffers(model)
             sync_buffers(trainer.scored(model))
-            val_loss, val_acc = evaluate(trainer.scored(model), progress.info, val, device, cfg["batch_size"], dist)
+            val_loss, val_acc, val_logits = evaluate(trainer.scored(model), progress.info, val, device,
+                                                     cfg["batch_size"], dist)
             # rank 0's clock plans every rank's epochs, so all ranks stop together
             plan.update(epoch, *rank0_values(time.time() - epoch_start, time.time() - started))
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": lr, "image_size": size, "seconds": round(time.time() - started, 2),
                    "planned_epochs": plan.epochs}
             stop = progress.end_epoch(row, model, trainer, generator, gather_rng_states(dist))
+            if progress.best["epoch"] == epoch:
+                best_logits = val_logits  # model.pt's, for calibration: no second pass over val
             if dist.is_main:
                 tracking.log_epoch(row, flat)
             if trial and not stop and trial.should_stop(progress.history):
@@ -205,7 +208,7 @@ def main():
                 break
             epoch += 1
         if dist.is_main:
-            summarise(progress, time.time() - started, calibrate(progress, params, class_names, device),
+            summarise(progress, time.time() - started, calibrate(progress, params, class_names, device, best_logits),
                       recipe_record(params["recipe"], filled), params["mlflow"]["log_model"])
     if torch_dist.is_initialized():
         check_ranks_agree(model)
@@ -214,18 +217,20 @@ def main():
         torch_dist.destroy_process_group()
 
 
-def calibrate(progress, params, class_names, device):
+def calibrate(progress, params, class_names, device, logits=None):
     """Temperature scaling (`src.training.calibration`): T fitted on every val image with the best
     weights, folded into model.pt's head and recorded there; 1.0 with train.calibrate off. Starts
-    from the uncalibrated weights each time (a rerun after a kill here fits the same T again)."""
+    from the uncalibrated weights each time (a rerun after a kill here fits the same T again).
+    `logits`: the best epoch's val logits where this run scored them (else val is scored again)."""
     if not params["train"]["calibrate"]:
         return 1.0
     model, ckpt = load_trained_model(progress.model_path, device)
     paths, labels = rows_for(read_manifest(), "val", class_names)
     if not paths:
         return 1.0
-    logits, _ = classify_files(copy.deepcopy(model), ckpt, paths, device, batch_size=params["train"]["batch_size"],
-                               desc="calibrate")
+    if logits is None:  # the best epoch was before a resume
+        logits, _ = classify_files(copy.deepcopy(model), ckpt, paths, device,
+                                   batch_size=params["train"]["batch_size"], desc="calibrate")
     temperature = fit_temperature(logits, labels)
     state = fold_temperature({k: v.cpu() for k, v in ckpt["model"].items()}, model, temperature)
     save_checkpoint(progress.model_path, {**ckpt, "model": state, "temperature": temperature})

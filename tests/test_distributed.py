@@ -71,7 +71,7 @@ def single_process_val(project):
     paths, labels = rows_for(read_manifest(project / "data/manifest.csv"), "val",
                              load_class_names(project / "data/class_indices.json"))
     return evaluate(model, ckpt, (ImageFiles([project / p for p in paths], ckpt["image_size"]), torch.tensor(labels)),
-                    torch.device("cpu"), 16)
+                    torch.device("cpu"), 16)[:2]
 
 
 def test_two_nodes_without_shared_disk_resume_after_a_kill_where_an_uninterrupted_run_ends(tmp_path):

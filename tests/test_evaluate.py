@@ -123,6 +123,23 @@ def test_eval_json_equals_scikit_learn_on_the_same_predictions(evaluated):
 
 
 @pytest.mark.slow
+def test_the_temperature_is_the_one_val_gives_the_saved_weights(evaluated):
+    """Training fits T on the best epoch's val logits, kept from its validation: the same T as
+    scoring val again with model.pt's weights before calibration."""
+    from src.data.manifest import load_class_names, read_manifest, rows_for
+    from src.inference.classify import classify_files
+    from src.training.calibration import fit_temperature
+    model, ckpt = load_trained_model(evaluated / "models/model.pt")
+    with torch.no_grad():  # undo the temperature folded into the head
+        model.fc.weight *= ckpt["temperature"]
+        model.fc.bias *= ckpt["temperature"]
+    paths, labels = rows_for(read_manifest(evaluated / "data/manifest.csv"), "val",
+                             load_class_names(evaluated / "data/class_indices.json"))
+    logits, _ = classify_files(model, ckpt, [evaluated / p for p in paths], torch.device("cpu"), batch_size=64)
+    assert fit_temperature(logits, torch.tensor(labels)) == pytest.approx(ckpt["temperature"], rel=1e-4)
+
+
+@pytest.mark.slow
 def test_pictures_are_written(evaluated):
     for name in ("confusion.png", "misclassified.png"):
         with Image.open(evaluated / "metrics" / name) as img:
