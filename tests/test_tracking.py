@@ -69,9 +69,13 @@ def test_training_run_records_everything_and_logged_model_predicts_like_checkpoi
     assert per_class["columns"] == ["class", "f1", "support"] and per_class["data"] == [["cross", 1.0, 3]]
     val_acc = client.get_metric_history(run.info.run_id, "curves/val_acc")
     assert [(m.step, m.value) for m in val_acc] == [(1, 0.25), (2, 0.5)]
-    # The decisive curves in the chart view's first section, the rest under training/, no flat line.
+    # The decisive curves in the chart view's first section, the rest under vitals/, no flat line;
+    # MLflow orders sections as plain strings: curves, then the headline (test or val), then vitals.
     assert {k for k in logged.data.metrics if "/" in k and not k.startswith("test/")} == {
-        "curves/val_acc", "curves/val_loss", "training/train_acc", "training/train_loss"}
+        "curves/val_acc", "curves/val_loss", "vitals/train_acc", "vitals/train_loss"}
+    first, last = tracking.SECTIONS["decisive"], tracking.SECTIONS["rest"]
+    for headline in ("test", "val"):
+        assert sorted([last, headline, first]) == [first, headline, last]
     dataset = logged.inputs.dataset_inputs[0].dataset
     assert dataset.name == params["data"]["source"] and dataset.digest == digest[:36]
 

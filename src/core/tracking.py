@@ -152,18 +152,18 @@ def set_tags(tags):
 
 
 DECISIVE = ("val_acc", "val_loss")  # the curves that pick the weights: the chart view's first section
+# MLflow's chart view shows one section per metric prefix, sorted as plain (ASCII) strings, before
+# the unprefixed metrics: "curves" first, then evaluate's headline ("test" or "val", its ECE
+# calibrated and not side by side), then these per-epoch vitals ("training" would come before "val").
+SECTIONS = {"decisive": "curves", "rest": "vitals"}
 
 
 def log_epoch(row, flat=()):
     """Per-epoch metrics of the active run, step = epoch: curves/val_acc and curves/val_loss, then
-    the rest as training/train_loss, training/lr, ... Keys in `flat` (series that cannot vary in
+    the rest as vitals/train_loss, vitals/lr, ... Keys in `flat` (series that cannot vary in
     this run, e.g. image_size without progressive resizing) are not logged: flat lines only push
-    the decisive charts down.
-
-    The UI's chart view shows sections of metrics grouped by their prefix, in alphabetical order,
-    before the unprefixed ones: "curves" first, then the evaluation's "test" (or "val") headline,
-    then "training"."""
-    mlflow.log_metrics({f"{'curves' if k in DECISIVE else 'training'}/{k}": v for k, v in row.items()
+    the decisive charts down."""
+    mlflow.log_metrics({f"{SECTIONS['decisive' if k in DECISIVE else 'rest']}/{k}": v for k, v in row.items()
                         if k != "epoch" and k not in flat}, step=row["epoch"])
 
 
