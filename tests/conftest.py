@@ -34,7 +34,11 @@ HEAVY_SESSION_SETUPS = {"exported_project"}  # built once per run, not once per 
 def pytest_collection_modifyitems(config, items):
     """`make test` runs two test processes (pytest-xdist, `--dist loadgroup`): tests that share a
     heavy set-up (a module-scoped fixture, or the exported project) go to the same process, so
-    each set-up is still built once."""
+    each set-up is still built once. Modules with slow tests go first (each module's tests kept
+    together, in order): handed out last, a minute-long test kept one process busy while the
+    other had nothing left to do."""
+    has_slow = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in has_slow)  # stable: the rest stays in order
     for item in items:
         defs = getattr(item, "_fixtureinfo", None)
         defs = defs.name2fixturedefs if defs else {}
