@@ -87,10 +87,14 @@ def wait_for(condition, what, timeout=300):
 
 
 def reported_epochs(project, number):
-    """Intermediate values of trial `number` in the local study file (read without Optuna's caching)."""
+    """Intermediate values of trial `number` in the local study file (read without Optuna's caching);
+    0 while the worker is still creating the file's tables."""
     with sqlite3.connect(project / "tune.db") as db:
-        return db.execute("SELECT COUNT(*) FROM trial_intermediate_values v JOIN trials t USING (trial_id) "
-                          "WHERE t.number = ?", (number,)).fetchone()[0]
+        try:
+            return db.execute("SELECT COUNT(*) FROM trial_intermediate_values v JOIN trials t USING (trial_id) "
+                              "WHERE t.number = ?", (number,)).fetchone()[0]
+        except sqlite3.OperationalError:  # no such table (yet)
+            return 0
 
 
 @pytest.mark.slow
