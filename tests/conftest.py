@@ -48,6 +48,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
+@pytest.fixture(autouse=True)
+def started_where_pytest_started():
+    """Every test starts in the directory pytest started in, whatever the one before it did (the
+    order of tests differs between runs and processes)."""
+    cwd = os.getcwd()
+    yield
+    os.chdir(cwd)
+
+
 @pytest.hookimpl(trylast=True)  # after xdist's own hook has named each item after its group
 def pytest_collection_finish(session):
     """Stop if pytest-xdist ignored the groups (it did with pytest 9): every heavy set-up would be

@@ -5,6 +5,8 @@ import sys
 
 from src.core.gpus import choose
 
+from conftest import REPO
+
 CLAIM = """
 import sys, time
 from src.core.gpus import choose
@@ -15,7 +17,7 @@ time.sleep(float(sys.argv[4]))
 
 def claimant(tmp_path, free_a, free_b, hold=3.0):
     return subprocess.Popen([sys.executable, "-c", CLAIM, str(free_a), str(free_b), str(tmp_path), str(hold)],
-                            stdout=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
 
 
 def test_concurrent_workers_each_get_their_own_gpu_most_free_first_then_share_the_freest(tmp_path):

@@ -79,27 +79,24 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(tmp_path):
     assert best["mlflow_run_id"] == final["mlflow_run_id"]
 
 
-def test_resume_file_is_ignored_for_other_params_or_data(tmp_path):
+def test_resume_file_is_ignored_for_other_params_or_data(tmp_path, monkeypatch):
     data = image_folder(tmp_path / "images", per_class=4)
     project = make_project(tmp_path / "project", {"data.source": str(data)})
     run(["dvc", "repro", "classes"], project)
-    os.chdir(project)
-    try:
-        params = load_params()
-        files = ["data/manifest.csv", "data/class_indices.json", "metrics/data_report.json"]
-        fp = fingerprint(params, files, 1)
-        save_checkpoint("models/resume.pt", {"fingerprint": fp, "finished": False, "epoch": 1})
-        assert load_resume("models/resume.pt", fp)["epoch"] == 1
-        params["train"]["lr"] *= 2
-        assert fingerprint(params, files, 1) != fp
-        assert fingerprint(load_params(), files, 2) != fp  # another process count
-        with open("data/manifest.csv", "a") as f:
-            f.write("extra,row,train\n")
-        assert fingerprint(load_params(), files, 1) != fp
-        save_checkpoint("models/resume.pt", {"fingerprint": fp, "finished": True, "epoch": 3})
-        assert load_resume("models/resume.pt", fp) is None
-    finally:
-        os.chdir(tmp_path)
+    monkeypatch.chdir(project)  # restored after the test (later tests run where pytest started)
+    params = load_params()
+    files = ["data/manifest.csv", "data/class_indices.json", "metrics/data_report.json"]
+    fp = fingerprint(params, files, 1)
+    save_checkpoint("models/resume.pt", {"fingerprint": fp, "finished": False, "epoch": 1})
+    assert load_resume("models/resume.pt", fp)["epoch"] == 1
+    params["train"]["lr"] *= 2
+    assert fingerprint(params, files, 1) != fp
+    assert fingerprint(load_params(), files, 2) != fp  # another process count
+    with open("data/manifest.csv", "a") as f:
+        f.write("extra,row,train\n")
+    assert fingerprint(load_params(), files, 1) != fp
+    save_checkpoint("models/resume.pt", {"fingerprint": fp, "finished": True, "epoch": 3})
+    assert load_resume("models/resume.pt", fp) is None
 
 
 SLOW_SAVE = """
