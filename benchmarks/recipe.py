@@ -163,6 +163,9 @@ def main():
     parser.add_argument("--workdir", type=Path, help="default: a new folder under /tmp, kept")
     parser.add_argument("--table-only", action="store_true", help="print the table of an existing --workdir")
     args = parser.parse_args()
+    bad = next((item for item in args.set if "=" not in item), None)
+    if bad:
+        parser.error(f"--set {bad}: give KEY=VALUE, e.g. model.pretrained=/path/model.pt")
     os.environ.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
     if not shutil.which("dvc"):
         sys.exit("dvc is not on PATH: activate the project's .venv first")

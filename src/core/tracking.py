@@ -76,12 +76,12 @@ def setup(experiment_name):
                 location = (workspace_root() / "mlartifacts").as_uri()
             try:
                 experiment_id = mlflow.create_experiment(experiment_name, artifact_location=location)
-            except mlflow.exceptions.MlflowException as e:
+            except mlflow.exceptions.MlflowException:
                 # Another machine (a clone logging to the same server) created it meanwhile: the lock
                 # above only covers this workspace.
                 experiment = mlflow.get_experiment_by_name(experiment_name)
                 if experiment is None:
-                    raise e
+                    raise
                 experiment_id = experiment.experiment_id
         else:
             experiment_id = experiment.experiment_id
