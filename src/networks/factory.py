@@ -2,14 +2,20 @@
 `src.networks.resnet` (the tutorial's code), any other name from torchvision's model registry."""
 import difflib
 
-import torchvision
-
 from src.core.errors import UserError
 from src.networks.resnet import FAMILY
 
 
+def torchvision_models():
+    """torchvision.models, imported on first use: importing torchvision takes seconds (it loads
+    torch's compiler), which evaluate, export and predict skip for the ResNet family."""
+    import torchvision.models
+
+    return torchvision.models
+
+
 def torchvision_archs():
-    return torchvision.models.list_models(module=torchvision.models)
+    return torchvision_models().list_models(module=torchvision_models())
 
 
 def available_archs():
@@ -32,7 +38,7 @@ def build_model(arch, num_classes, include_top=True, **options):
         if not include_top:
             raise UserError(f"include_top=False is built for the ResNet family ({', '.join(FAMILY)}), "
                             f"not {arch}; use torchvision.models.feature_extraction for it")
-        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        return torchvision_models().get_model(arch, weights=None, num_classes=num_classes)
     close = difflib.get_close_matches(str(arch), available_archs(), n=3)
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
     raise UserError(f"arch={arch!r} is unknown{hint}; valid names: {', '.join(available_archs())}")

@@ -13,7 +13,6 @@ from src.core.errors import UserError
 from src.training.ema import WeightEma
 from src.training.schedule import make_scheduler
 
-
 # Devices with torch's fused optimizer kernels: one kernel updates every tensor, where the
 # default runs a dozen ops per tensor (on a CPU, most of a small image's step).
 FUSED_DEVICES = {"cpu", "cuda", "mps", "xpu"}
