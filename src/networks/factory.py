@@ -8,7 +8,7 @@ from src.networks.resnet import FAMILY
 
 def torchvision_models():
     """torchvision.models, imported on first use: importing torchvision takes seconds (it loads
-    torch's compiler), which evaluate, export and predict skip for the ResNet family."""
+    torch's compiler), which export and predict skip for the ResNet family."""
     import torchvision.models
 
     return torchvision.models
