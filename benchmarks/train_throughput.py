@@ -9,6 +9,8 @@
 - bare: the same model, optimizer, precision and memory format over the same number of images
   already in memory as one tensor: forward, backward, step, nothing else.
 - fp32: the bare loop in plain fp32, contiguous (NCHW) memory.
+- unfused: the bare loop with torch's default optimizer step (a dozen ops per tensor) instead of
+  the fused one the stage takes: what the fused step buys.
 
 Each repeat runs one epoch of each, interleaved, after one warm-up epoch each (oneDNN/cuDNN pick
 kernels on first use); the median img/s is reported. The machine's other load shows up as noise:
@@ -98,12 +100,16 @@ def main():
     bare_opt = make_optimizer(bare_model, cfg)
     fp32_model = fresh_model(params, len(class_names), device, False)
     fp32_opt = make_optimizer(fp32_model, cfg)
+    unfused_model = fresh_model(params, len(class_names), device, channels_last)
+    unfused_opt = make_optimizer(unfused_model, cfg, fused=False)
 
     runs = {
         "stage": lambda epoch: train_one_epoch(stage_model, loader, trainer, run, epoch, show_progress=False),
         "bare": lambda epoch: bare_epoch(bare_model, bare_opt, criterion, images, labels, cfg["batch_size"], run),
         "fp32": lambda epoch: bare_epoch(fp32_model, fp32_opt, criterion, images, labels, cfg["batch_size"],
                                          run._replace(amp_dtype=None)),
+        "unfused": lambda epoch: bare_epoch(unfused_model, unfused_opt, criterion, images, labels, cfg["batch_size"],
+                                            run),
     }
     print(f"{params['arch']} at {size} px, batch {cfg['batch_size']}, {len(train_set)} images per epoch, "
           f"{device} {run.precision_name}{' channels_last' if channels_last else ''}, "
@@ -120,7 +126,9 @@ def main():
         print(f"repeat {repeat}: " + ", ".join(f"{n} {r[-1]:.0f} img/s" for n, r in rates.items()))
     median = {name: statistics.median(r) for name, r in rates.items()}
     print("median: " + ", ".join(f"{n} {v:.0f} img/s" for n, v in median.items()))
-    print(f"stage/bare = {median['stage'] / median['bare']:.3f}   stage/fp32 = {median['stage'] / median['fp32']:.3f}")
+    print(f"stage/bare = {median['stage'] / median['bare']:.3f}   "
+          f"stage/fp32 = {median['stage'] / median['fp32']:.3f}   "
+          f"bare/unfused = {median['bare'] / median['unfused']:.3f}")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ from src.training.ema import WeightEma
 from src.training.schedule import make_scheduler
 
 # Devices with torch's fused optimizer kernels: one kernel updates every tensor, where the
-# default runs a dozen ops per tensor (on a CPU, most of a small image's step).
+# default runs a dozen ops per tensor (on a CPU, a good part of a step at small image sizes).
 FUSED_DEVICES = {"cpu", "cuda", "mps", "xpu"}
 
 
-def make_optimizer(model, cfg):
+def make_optimizer(model, cfg, fused=None):
+    """params.yaml's optimizer; fused (one kernel a step) where the device has it, unless `fused` says."""
     decay, no_decay = [], []
     # Frozen parameters are included too: head_first unfreezes them later, and optimizers
     # skip parameters that got no gradient.
@@ -26,7 +27,8 @@ def make_optimizer(model, cfg):
         (no_decay if p.ndim <= 1 and not cfg["decay_bn_and_bias"] else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
               {"params": no_decay, "weight_decay": 0.0}]
-    fused = (decay + no_decay)[0].device.type in FUSED_DEVICES
+    if fused is None:
+        fused = (decay + no_decay)[0].device.type in FUSED_DEVICES
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"], fused=fused)
     optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg["optimizer"]]
