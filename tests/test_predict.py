@@ -13,7 +13,7 @@ from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from src.networks.checkpoint import load_trained_model, save_checkpoint
 from src.networks.factory import build_model
 
-from conftest import env, make_project, python, run, set_params
+from conftest import REPO, env, make_project, python, run, set_params
 
 CLASSES = ["ant", "bee", "cat"]
 BATCH = 4  # 9 images: two full batches and a partial one, through a decoding worker
@@ -40,6 +40,16 @@ def checkpoint_and_images(tmp_path_factory):
     (images / "notes.txt").write_text("not an image, and not named like one: skipped in folders")
     return project, root / "model.pt", images
 
+
+
+def test_a_resnet_checkpoint_loads_without_torchvision_or_torchs_compiler(checkpoint_and_images):
+    """So `predict --backend torch` and export start seconds sooner: neither is imported for the
+    ResNet family (the registry's archs and torch.compile import them when used)."""
+    _, model_path, _ = checkpoint_and_images
+    code = ("import sys; from src.networks.checkpoint import load_trained_model; "
+            f"load_trained_model({str(model_path)!r}); "
+            "print([m for m in ('torchvision', 'torch._dynamo') if m in sys.modules])")
+    assert run([python(), "-c", code], REPO).stdout.strip() == "[]"
 
 def reference(model_path, path):
     """The tutorial's way: one image, eval transform, fp32 softmax."""

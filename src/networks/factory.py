@@ -7,7 +7,7 @@ from src.networks.resnet import FAMILY
 
 
 def torchvision_models():
-    """torchvision.models, imported on first use: importing torchvision takes seconds (it loads
+    """torchvision.models, imported on first use: importing torchvision takes seconds (it imports
     torch's compiler), which export and predict skip for the ResNet family."""
     import torchvision.models
 

@@ -104,7 +104,7 @@ class ResNet(nn.Module):
 
         for m in self.modules():
             # On the meta device (a network about to take a checkpoint's weights) there is nothing
-            # to draw, and torch's meta normal_ would import its compiler: seconds of start-up.
+            # to draw, and torch's meta normal_ would import its compiler (over a second of start-up).
             if isinstance(m, nn.Conv2d) and not m.weight.is_meta:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
