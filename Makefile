@@ -33,8 +33,9 @@ lint: install
 
 # Two test processes (pytest-xdist; tests sharing a set-up stay together): much of a test's time is
 # process start-up and dvc's bookkeeping, which one core does while the other trains. (Three
-# processes with one torch thread each were slower.) On a 2-core EPYC: about 9.5 minutes,
-# `test-avx2` about 10; on an AVX2-only CPU expect ~1.6x the latter.
+# processes with one torch thread each were slower.) On a 2-core EPYC: 7.5 to 10.5 minutes,
+# native or `test-avx2` alike (its speed drifts by a third within an hour); on an AVX2-only CPU
+# expect ~1.6x the emulated time.
 # --durations: the slowest tests, so a slower suite shows where the time went.
 PYTEST_PARALLEL ?= -n 2 --dist loadgroup
 test: install postgres-server

@@ -128,6 +128,14 @@ def make_project(dest, overrides=None):
     return dest
 
 
+def commit_data_stages(project):
+    """Ingest, split and classes reproduced and committed, as README says before experiments (two
+    at once that both ran them would write one run-cache entry together, and DVC fails one)."""
+    run(["dvc", "repro", "classes"], project)
+    run("git add -A && git commit -qm data", project)
+    return project
+
+
 @pytest.fixture
 def project(tmp_path):
     """A fresh git + DVC copy of this project with tiny params, committed."""

@@ -14,7 +14,7 @@ import yaml
 from src.core.errors import UserError
 from src.search.space import load_space
 
-from conftest import REPO, copy_project, env, image_folder, logged_runs, make_project, python, run
+from conftest import REPO, commit_data_stages, copy_project, env, image_folder, logged_runs, make_project, python, run
 
 GOOD, BAD = 0.002, 30.0  # Adam at lr 30 scores chance after its first epoch, far behind the good arm
 
@@ -47,9 +47,8 @@ def tagged_runs(project):
 def test_two_workers_in_two_clones_share_one_postgres_study_and_one_mlflow_server(tmp_path, postgres, team_mlflow):
     url, (tracking, _) = postgres("study_two_workers"), team_mlflow
     # A few tiny pictures: this test is about sharing a study, not about learning.
-    prepared = make_project(tmp_path / "prepared", {"data.source": str(image_folder(tmp_path / "images"))})
-    run(["dvc", "repro", "classes"], prepared)
-    run("git add -A && git commit -qm data", prepared)
+    prepared = commit_data_stages(make_project(tmp_path / "prepared",
+                                               {"data.source": str(image_folder(tmp_path / "images"))}))
     clones = [copy_project(prepared, tmp_path / f"clone{i}") for i in range(2)]
     for clone in clones:
         write_space(clone, trials=3, fixed={"train.epochs": 2, "mlflow.experiment": "team-search"},
@@ -102,10 +101,8 @@ def test_local_study_prunes_the_bad_arm_survives_ctrl_c_and_its_best_params_trai
     # Three colours, 63 training images: the good arm scores 1.0 after its first epoch, the bad one
     # chance (digits tell them apart as clearly, at four times the cost of each epoch).
     images = image_folder(tmp_path / "images", per_class=30)
-    project = make_project(tmp_path / "project", {"data.source": str(images), "data.val": 0.2,
-                                                    "train.batch_size": 8})
-    run(["dvc", "repro", "classes"], project)
-    run("git add -A && git commit -qm data", project)
+    project = commit_data_stages(make_project(tmp_path / "project", {"data.source": str(images), "data.val": 0.2,
+                                                                       "train.batch_size": 8}))
     params_file = project / "params.yaml"
     params_file.write_text("# a user's comment\n" + params_file.read_text())
     # trial 0 good, trial 1 clearly bad (pruned), trial 2 good again (interrupted by Ctrl-C, then rerun)
