@@ -183,8 +183,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             return None, too_big(len(data), self.max_bytes)
         return data, ""
 
-    def predict(self, context, model_input, params=None):
-        """One row per input; a request over the row limit is refused whole (HTTP 400, no traceback)."""
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        """One row per input; a request over the row limit is refused whole (HTTP 400, no traceback).
+        (The hint tells MLflow there is no schema to infer from it: the logged example gives the signature.)"""
         column = model_input["image"] if "image" in model_input else model_input.iloc[:, 0]
         if len(column) > self.max_rows:
             raise MlflowException(
