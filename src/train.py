@@ -254,10 +254,12 @@ def summarise(progress, seconds, temperature, recipe, log_model):
     metrics = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"],
                "temperature": temperature, "final_train_acc": history[-1]["train_acc"], "epochs_run": len(history),
                "train_seconds": round(seconds, 1)}
-    # the network as an MLflow model: exactly the weights saved (loaded only when it is logged)
-    best_model, ckpt = load_trained_model(progress.model_path) if log_model else (None, {"image_size": None})
+    best_model = image_size = None
+    if log_model:  # the network as an MLflow model: exactly the weights saved
+        best_model, ckpt = load_trained_model(progress.model_path)
+        image_size = ckpt["image_size"]
     tracking.finish_training(metrics, history, [CLASS_INDEX, DATA_REPORT], checkpoint=progress.model_path,
-                             model=best_model, image_size=ckpt["image_size"])
+                             model=best_model, image_size=image_size)
     write_json(TRAIN_METRICS, {**metrics, "recipe": recipe})
     header = list(history[0])
     write_text(TRAIN_HISTORY, ",".join(header) + "\n" + "".join(
