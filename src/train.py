@@ -195,7 +195,7 @@ def main():
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": lr, "image_size": size, "seconds": round(time.time() - started, 2),
                    "planned_epochs": plan.epochs}
-            stop = progress.end_epoch(row, model, trainer, generator, gather_rng_states(dist))
+            stop = progress.end_epoch(row, model, trainer)
             if progress.best["epoch"] == epoch:
                 best_logits = val_logits  # model.pt's, for calibration: no second pass over val
             if dist.is_main:
@@ -204,6 +204,8 @@ def main():
                 print(f"train: pruned by the study after epoch {epoch} (a trial far behind the others)")
                 tracking.set_tags({"tune.state": "pruned"})
                 stop = True
+            last = stop or not plan.more(epoch + 1)
+            progress.checkpoint(model, trainer, generator, gather_rng_states(dist), last)
             if stop:
                 break
             epoch += 1

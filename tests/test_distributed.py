@@ -40,7 +40,8 @@ def test_torchrun_two_processes_split_the_data_and_write_one_set_of_outputs(tmp_
 HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: RESNET_TL_TEST_KILL_AT=EPOCH:BATCH kills training there
 # Bitwise-repeatable training (as tests/test_resume.py): a resumed run must end exactly where an uninterrupted one does.
 DETERMINISTIC = {"train.epochs": 2, "train.batch_size": 16, "train.precision": "fp32", "train.workers": 0,
-                 "train.deterministic": True, "train.channels_last": False, "data.val": 0.3}
+                 "train.deterministic": True, "train.channels_last": False, "data.val": 0.3,
+                 "train.checkpoint_minutes": 0}  # the resume file after every epoch
 # The head alone in epoch 1, everything from epoch 2 (killed there): DDP first wraps only the head's
 # parameters, so after the unfreeze it must synchronise them all again, or the ranks' backbones
 # drift apart (the stage compares the ranks' weights at the end and fails if they differ).

@@ -13,7 +13,7 @@ from src.core.params import load_params
 from src.networks.checkpoint import load_checkpoint, save_checkpoint
 from src.training.resume import fingerprint, load_resume
 
-from conftest import REPO, env, image_folder, logged_runs, make_project, run, use_store
+from conftest import REPO, env, image_folder, logged_runs, make_project, run, set_params, use_store
 
 HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: RESNET_TL_TEST_KILL_AT=EPOCH:BATCH kills training there
 pytestmark = pytest.mark.slow  # trains through real dvc: `make test-fast` leaves it out
@@ -39,16 +39,21 @@ def assert_same_weights(a, b):
 def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(tmp_path):
     data = image_folder(tmp_path / "images", per_class=30)
     project = make_project(tmp_path / "project", {"data.source": str(data), **DETERMINISTIC})
-    run(["dvc", "repro", "train"], project)
+    run(["dvc", "repro", "train"], project)  # train.checkpoint_minutes: 1, far longer than this run
     uninterrupted = state_of(project / "models/resume.pt")
-    assert uninterrupted["finished"] and uninterrupted["epoch"] == 2
+    assert uninterrupted["finished"] and uninterrupted["epoch"] == 2  # the last epoch is always written
     best_uninterrupted = load_checkpoint(project / "models/model.pt")
 
     # A finished run is never resumed: a forced rerun trains from epoch 1; kill it mid-epoch 2.
-    killed = run(["dvc", "repro", "-f", "-s", "train"], project, check=False,
-                 env={**env(), "RESNET_TL_TEST_KILL_AT": "2:3", "PYTHONPATH": str(HOOKS)})
+    kill = {**env(), "RESNET_TL_TEST_KILL_AT": "2:3", "PYTHONPATH": str(HOOKS)}
+    killed = run(["dvc", "repro", "-f", "-s", "train"], project, check=False, env=kill)
     assert killed.returncode != 0
     assert "resuming" not in killed.stdout
+    assert state_of(project / "models/resume.pt")["finished"]  # epoch 1 was within the minute: not written
+
+    set_params(project, {"train.checkpoint_minutes": 0})  # every epoch (the math is the same)
+    killed = run(["dvc", "repro", "-f", "-s", "train"], project, check=False, env=kill)
+    assert killed.returncode != 0
     partial = state_of(project / "models/resume.pt")
     assert partial["epoch"] == 1 and not partial["finished"]
 
@@ -71,7 +76,7 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(tmp_path):
 
     # The killed run and its continuation are one MLflow run with one value per epoch.
     runs = logged_runs(project)
-    assert len(runs) == 2
+    assert len(runs) == 3  # the uninterrupted run, the one killed before any write, the killed and continued one
     continued = next(r for r in runs if r.info.run_id == final["mlflow_run_id"])
     assert continued.info.status == "FINISHED"
     steps = use_store(project).get_metric_history(continued.info.run_id, "curves/val_acc")

@@ -162,6 +162,7 @@ SCHEMA = {
         "deterministic": choice(True, False),
         "workers": either(choice("auto"), integer(0, MAX_WORKERS)),
         "cache_images": choice("auto", True, False),
+        "checkpoint_minutes": number(0),
     },
     "evaluate": {
         "device": choice("auto", "cuda", "mps", "cpu"),

@@ -1,16 +1,18 @@
 """What training keeps across epochs and crashes, and the two files it lives in.
 
 - models/model.pt: the best epoch's weights, self-describing (`src.networks.checkpoint`), a DVC output.
-- models/resume.pt: the last completed epoch's whole state: weights, optimizer, scheduler, grad
-  scaler, every RNG (and the loader's shuffling generator), best-so-far weights, history and the
-  MLflow run id. It is not a DVC output, so DVC does not delete it before rerunning a stage that
-  was killed: a rerun with the same params and data continues from it. It is marked finished
-  when training ends, so `dvc repro -f` trains from scratch.
+- models/resume.pt: a completed epoch's whole state: weights, optimizer, scheduler, grad scaler,
+  every RNG (and the loader's shuffling generator), best-so-far weights, history and the MLflow
+  run id. It is not a DVC output, so DVC does not delete it before rerunning a stage that was
+  killed: a rerun with the same params and data continues from it. It is marked finished when
+  training ends, so `dvc repro -f` trains from scratch.
+Both are written every train.checkpoint_minutes and after the last epoch.
 """
 import hashlib
 import io
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -118,7 +120,8 @@ class Progress:
         self.fingerprint = fingerprint(params, self.data_files, dist.world_size)
         self.resumed = load_latest_resume(self.resume_path, self.fingerprint, dist)
         self.history, self.best, self.bad_epochs, self.run_id = [], {"val_acc": -1.0, "epoch": 0}, 0, None
-        self.best_weights = self.previous_weights = None  # None: the last weights are the best
+        self.best_weights = None  # rank 0: the best epoch's scored weights, in memory between writes
+        self.saved_at, self.saved_best = time.monotonic(), None  # the last write's clock, and its best epoch
         self.last = self.resumed  # killed after the final epoch's save: only the summary is left
         self.next_epoch = self.resumed["epoch"] + 1 if self.resumed else 1
 
@@ -136,7 +139,7 @@ class Progress:
         set_rng_state(state["rng"][self.dist.rank])
         self.history, self.best, self.bad_epochs = state["history"], state["best"], state["bad_epochs"]
         self.run_id = state["mlflow_run_id"]
-        self.best_weights, self.previous_weights = state["best_model"], weights(trainer.scored(model))
+        self.best_weights = state["best_model"] or weights(trainer.scored(model))  # None: the saved epoch's
 
     def resuming_note(self):
         return f"; resuming after epoch {self.resumed['epoch']} from {self.resume_path}" if self.resumed else ""
@@ -149,21 +152,23 @@ class Progress:
             return
         self.run_id = run_id
         if self.resumed:
-            self.save_model(self.best_weights or self.previous_weights, self.best["epoch"], self.best["val_acc"])
+            self.save_model()
 
-    def save_model(self, model_weights, epoch, val_acc):
-        save_checkpoint(self.model_path, {**self.info, "epoch": epoch, "val_acc": val_acc,
-                                          "mlflow_run_id": self.run_id, "model": model_weights})
+    def save_model(self):
+        save_checkpoint(self.model_path, {**self.info, "epoch": self.best["epoch"], "val_acc": self.best["val_acc"],
+                                          "mlflow_run_id": self.run_id, "model": self.best_weights})
+        self.saved_best = self.best["epoch"]
 
-    def end_epoch(self, row, model, trainer, generator, rngs):
-        """Record one epoch's numbers (rank 0 also prints and saves); True to stop early.
-
-        With weight EMA the averaged weights are the ones scored, kept as best and saved to
-        model.pt; the resume file holds both the trained weights and the average."""
+    def end_epoch(self, row, model, trainer):
+        """Record one epoch's numbers (rank 0 also prints, and keeps a new best epoch's weights); True
+        to stop early. With weight EMA the averaged weights are the ones scored, kept as best and
+        saved to model.pt; the resume file holds both the trained weights and the average."""
         self.history.append(row)
         if row["val_acc"] > self.best["val_acc"]:
             self.best, self.bad_epochs = {"val_acc": row["val_acc"], "val_loss": row["val_loss"],
                                           "epoch": row["epoch"]}, 0
+            if self.dist.is_main:
+                self.best_weights = weights(trainer.scored(model))
         else:
             self.bad_epochs += 1
         patience = self.params["train"]["patience"]
@@ -172,26 +177,29 @@ class Progress:
             print(f"epoch {row['epoch']}/{row['planned_epochs'] or '?'}: train loss {row['train_loss']:.4f} "
                   f"acc {row['train_acc']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
                   + (f"; early stop, no val improvement for {self.bad_epochs} epochs" if stop else ""))
-            self.save(row, model, trainer, generator, rngs)
         return stop
 
-    def save(self, row, model, trainer, generator, rngs):
-        scored = weights(trainer.scored(model))
-        if self.best["epoch"] == row["epoch"]:
-            self.best_weights = None  # the last scored weights are the best: stored once
-            self.save_model(scored, row["epoch"], row["val_acc"])
-        elif self.best_weights is None:
-            self.best_weights = self.previous_weights  # the best epoch was the one before
-        self.previous_weights = scored
+    def checkpoint(self, model, trainer, generator, rngs, last):
+        """Rank 0: write model.pt (if the best changed) and resume.pt after the `last` epoch and
+        whenever train.checkpoint_minutes have passed since the previous write. Both files hold the
+        network several times over (weights, optimizer moments, EMA, best): written every epoch
+        they cost a tenth of a short epoch, where a kill loses at most the minutes between writes."""
+        due = time.monotonic() - self.saved_at >= 60 * self.params["train"]["checkpoint_minutes"]
+        if not self.dist.is_main or not (last or due):
+            return
+        epoch = self.history[-1]["epoch"]
+        if self.saved_best != self.best["epoch"]:
+            self.save_model()
         ema = {"ema": trainer.ema.state_dict()} if trainer.ema is not None else {}
-        trained = scored if trainer.ema is None else weights(model)
-        self.last = {**self.info, "epoch": row["epoch"], "val_acc": row["val_acc"], "model": trained, **ema,
-                     "fingerprint": self.fingerprint, "finished": False, "mlflow_run_id": self.run_id,
+        self.last = {**self.info, "epoch": epoch, "val_acc": self.history[-1]["val_acc"], "model": weights(model),
+                     **ema, "fingerprint": self.fingerprint, "finished": False, "mlflow_run_id": self.run_id,
                      "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
                      "scaler": trainer.scaler.state_dict(), "loader_generator": generator.get_state(),
                      "rng": rngs, "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
-                     "best_model": self.best_weights}
+                     # None: the scored weights of this epoch (stored once)
+                     "best_model": None if self.best["epoch"] == epoch else self.best_weights}
         save_checkpoint(self.resume_path, self.last)
+        self.saved_at = time.monotonic()
 
     def finish(self):
         """Kept as the last epoch's checkpoint, never resumed: `dvc repro -f` retrains from scratch."""
