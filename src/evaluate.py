@@ -47,16 +47,43 @@ def ratio(a, b):
     return np.divide(a, b, out=np.zeros(len(a)), where=b > 0)
 
 
+def confidence_bins(confidence, bins):
+    """Each answer's equal-width confidence bin, one-hot (images x bins): bin b holds (b/bins, (b+1)/bins]."""
+    which = np.clip(np.ceil(np.asarray(confidence) * bins).astype(int) - 1, 0, bins - 1)
+    return np.eye(bins)[which]
+
+
+def calibration_gaps(onehot, confidence, correct):
+    """The ECE of each row of `correct` (draws x images, 1 = right), answers binned as `onehot`."""
+    count = onehot.sum(0)
+    used = count > 0
+    mean_confidence = np.asarray(confidence, dtype=np.float64) @ onehot[:, used] / count[used]
+    accuracy = correct @ onehot[:, used] / count[used]
+    return (count[used] / len(onehot) * np.abs(accuracy - mean_confidence)).sum(1)
+
+
 def expected_calibration_error(confidence, correct, bins):
     """Sum over equal-width confidence bins of (bin share) * |accuracy - mean confidence|:
     0 when the model is exactly as sure as it is right (Guo et al., 2017)."""
-    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)  # bin b holds (b/bins, (b+1)/bins]
-    ece = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+    correct = np.asarray(correct, dtype=np.float64)[None]
+    return float(calibration_gaps(confidence_bins(confidence, bins), confidence, correct)[0])
+
+
+def ece_floor(confidence, bins, draws=1000, seed=0):
+    """The ECE a perfectly calibrated model with these confidences shows on this many images: each
+    answer right with exactly its confidence, the mean of seeded draws. It is ECE's own sampling
+    noise (few images per bin, gaps by chance): a measured ECE near it is as calibrated as this
+    test set can tell; it shrinks as the test set grows."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    n = len(confidence)
+    if not n:
+        return 0.0
+    onehot, rng = confidence_bins(confidence, bins), np.random.default_rng(seed)
+    draws = min(draws, max(20, 20_000_000 // n))  # a million images: 20 draws (their floor is tiny)
+    chunk = max(1, 2_000_000 // n)  # draws at a time: each array stays ~16 MB
+    gaps = [calibration_gaps(onehot, confidence, (rng.random((min(chunk, draws - done), n)) < confidence)
+                             .astype(np.float64)) for done in range(0, draws, chunk)]
+    return float(np.concatenate(gaps).mean())
 
 
 def classification_metrics(y_true, logits, class_names, bins, temperature=1.0):
@@ -82,6 +109,7 @@ def classification_metrics(y_true, logits, class_names, bins, temperature=1.0):
         metrics["top5_accuracy"] = float((top5 == y_true[:, None]).any(1).mean())
     metrics["loss"] = float(-log_probs[torch.arange(n), torch.as_tensor(y_true)].mean())
     metrics["ece"] = expected_calibration_error(probs.max(1), y_pred == y_true, bins)
+    metrics["ece_floor"] = ece_floor(probs.max(1), bins)
     raw = torch.log_softmax(logits * temperature, 1)
     metrics["ece_uncalibrated"] = expected_calibration_error(raw.exp().max(1).values.numpy(), y_pred == y_true, bins)
     metrics["loss_uncalibrated"] = float(-raw[torch.arange(n), torch.as_tensor(y_true)].mean())
@@ -164,7 +192,8 @@ def main():
               f"uncalibrated, ECE {metrics['ece_uncalibrated']:.3f}": raw.max(1)}
     save_figure(reliability_figure(curves if temperature != 1.0 else dict(list(curves.items())[1:]),
                                    probs.argmax(1) == y_true, cfg["calibration_bins"],
-                                   f"Reliability, {split} split ({len(paths)} images)"), RELIABILITY_PNG)
+                                   f"Reliability, {split} split ({len(paths)} images)", metrics["ece_floor"]),
+                RELIABILITY_PNG)
     worst = confidently_wrong(y_true, probs, cfg["misclassified_images"])
     titles = [f"{Path(paths[i]).name}\ntrue: {class_names[y_true[i]]}\npredicted: {class_names[probs[i].argmax()]} "
               f"({probs[i].max():.0%})" for i in worst]
@@ -180,7 +209,8 @@ def main():
     print(per_class_report(metrics, class_names))
     top5 = f", top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else ""
     print(f"evaluate: {split} accuracy {metrics['accuracy']:.4f}{top5}, macro F1 {metrics['macro_f1']:.4f}, "
-          f"ECE {metrics['ece']:.4f} ({metrics['ece_uncalibrated']:.4f} uncalibrated) on {len(paths)} images "
+          f"ECE {metrics['ece']:.4f} ({metrics['ece_uncalibrated']:.4f} uncalibrated, {metrics['ece_floor']:.4f} "
+          f"from perfect calibration by chance) on {len(paths)} images "
           f"-> {EVAL_METRICS}, {CONFUSION_PNG}, {MISCLASSIFIED_PNG}, {RELIABILITY_PNG}")
 
 
