@@ -94,6 +94,8 @@ def test_resume_file_is_ignored_for_other_params_or_data(tmp_path, monkeypatch):
     fp = fingerprint(params, files, 1)
     save_checkpoint("models/resume.pt", {"fingerprint": fp, "finished": False, "epoch": 1})
     assert load_resume("models/resume.pt", fp)["epoch"] == 1
+    params["train"]["checkpoint_minutes"] = 5  # when to write, not what is trained: still resumes
+    assert fingerprint(params, files, 1) == fp
     params["train"]["lr"] *= 2
     assert fingerprint(params, files, 1) != fp
     assert fingerprint(load_params(), files, 2) != fp  # another process count

@@ -30,9 +30,10 @@ def fingerprint(params, data_files, world_size):
     A resume file from a run with another fingerprint is ignored, so a changed config starts fresh.
     """
     h = hashlib.sha256()
+    train = {k: v for k, v in params["train"].items() if k != "checkpoint_minutes"}  # when to save, not what
     shaping = {"arch": params["arch"], "seed": params["seed"], "image_size": params["data"]["image_size"],
                "eval_image_size": params["data"]["eval_image_size"],
-               "model": params["model"], "train": params["train"], "world_size": world_size}
+               "model": params["model"], "train": train, "world_size": world_size}
     h.update(json.dumps(shaping, sort_keys=True).encode())
     for path in data_files:
         h.update(Path(path).read_bytes())
