@@ -145,10 +145,10 @@ def table(workdir):
         rows.append((params["train"]["time_budget"], list(ROWS).index(row) if row in ROWS else len(ROWS), row, exp,
                      m.get("epochs_run"), m.get("train_seconds"), m.get("best_val_acc"),
                      m.get(f"{split}/balanced_accuracy"), m.get(f"{split}/tta_accuracy"), m.get(f"{split}/ece"),
-                     m.get(f"{split}/ece_uncalibrated"), m.get(f"{split}/ece_floor")))
+                     m.get(f"{split}/ece_uncalibrated"), m.get(f"{split}/chance_ece")))
     # s/epoch: the machine's speed during that run too (a shared CPU's drifts by a third within an hour)
     print("\n| budget | row | experiment | epochs | train s | s/epoch | best val acc | balanced acc | with flip TTA "
-          "| ECE | ECE uncalibrated | ECE floor |")
+          "| ECE | ECE uncalibrated | ECE by chance |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)
     for budget, _, row, exp, epochs, seconds, acc, bal, tta, ece, raw, floor in sorted(rows):

@@ -69,7 +69,7 @@ def expected_calibration_error(confidence, correct, bins):
     return float(calibration_gaps(confidence_bins(confidence, bins), confidence, correct)[0])
 
 
-def ece_floor(confidence, bins, draws=1000, seed=0):
+def chance_ece(confidence, bins, draws=1000, seed=0):
     """The ECE a perfectly calibrated model with these confidences shows on this many images: each
     answer right with exactly its confidence, the mean of seeded draws. It is ECE's own sampling
     noise (few images per bin, gaps by chance): a measured ECE near it is as calibrated as this
@@ -109,7 +109,7 @@ def classification_metrics(y_true, logits, class_names, bins, temperature=1.0):
         metrics["top5_accuracy"] = float((top5 == y_true[:, None]).any(1).mean())
     metrics["loss"] = float(-log_probs[torch.arange(n), torch.as_tensor(y_true)].mean())
     metrics["ece"] = expected_calibration_error(probs.max(1), y_pred == y_true, bins)
-    metrics["ece_floor"] = ece_floor(probs.max(1), bins)
+    metrics["chance_ece"] = chance_ece(probs.max(1), bins)
     raw = torch.log_softmax(logits * temperature, 1)
     metrics["ece_uncalibrated"] = expected_calibration_error(raw.exp().max(1).values.numpy(), y_pred == y_true, bins)
     metrics["loss_uncalibrated"] = float(-raw[torch.arange(n), torch.as_tensor(y_true)].mean())
@@ -192,7 +192,7 @@ def main():
               f"uncalibrated, ECE {metrics['ece_uncalibrated']:.3f}": raw.max(1)}
     save_figure(reliability_figure(curves if temperature != 1.0 else dict(list(curves.items())[1:]),
                                    probs.argmax(1) == y_true, cfg["calibration_bins"],
-                                   f"Reliability, {split} split ({len(paths)} images)", metrics["ece_floor"]),
+                                   f"Reliability, {split} split ({len(paths)} images)", metrics["chance_ece"]),
                 RELIABILITY_PNG)
     worst = confidently_wrong(y_true, probs, cfg["misclassified_images"])
     titles = [f"{Path(paths[i]).name}\ntrue: {class_names[y_true[i]]}\npredicted: {class_names[probs[i].argmax()]} "
@@ -209,7 +209,7 @@ def main():
     print(per_class_report(metrics, class_names))
     top5 = f", top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else ""
     print(f"evaluate: {split} accuracy {metrics['accuracy']:.4f}{top5}, macro F1 {metrics['macro_f1']:.4f}, "
-          f"ECE {metrics['ece']:.4f} ({metrics['ece_uncalibrated']:.4f} uncalibrated, {metrics['ece_floor']:.4f} "
+          f"ECE {metrics['ece']:.4f} ({metrics['ece_uncalibrated']:.4f} uncalibrated, {metrics['chance_ece']:.4f} "
           f"from perfect calibration by chance) on {len(paths)} images "
           f"-> {EVAL_METRICS}, {CONFUSION_PNG}, {MISCLASSIFIED_PNG}, {RELIABILITY_PNG}")
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-from src.evaluate import classification_metrics, ece_floor
+from src.evaluate import chance_ece, classification_metrics
 from src.networks.checkpoint import load_trained_model
 
 from conftest import image_folder, make_project, python, run, tutorial_logits, use_store
@@ -65,8 +65,8 @@ def unflatten(flat):
 
 
 def assert_same_metrics(got, expected, **tolerance):
-    assert set(got) == set(expected) | {"ece_floor"}  # no scikit-learn counterpart: its own test below
-    assert 0 < got["ece_floor"] < 1
+    assert set(got) == set(expected) | {"chance_ece"}  # no scikit-learn counterpart: its own test below
+    assert 0 < got["chance_ece"] < 1
     for key, value in expected.items():
         if key == "per_class":
             assert list(got[key]) == list(value)
@@ -76,14 +76,14 @@ def assert_same_metrics(got, expected, **tolerance):
             assert got[key] == pytest.approx(float(value), **tolerance), key
 
 
-def test_ece_floor_is_the_ece_perfect_calibration_shows_by_chance_and_shrinks_as_images_grow():
+def test_chance_ece_is_the_ece_perfect_calibration_shows_by_chance_and_shrinks_as_images_grow():
     rng = np.random.default_rng(7)
     floors = []
     for n in (200, 3200):
         confidence = rng.uniform(0.35, 1.0, n)
         # answers right exactly as often as the model says: any ECE measured is chance
         measured = [reference_ece(confidence, rng.random(n) < confidence, 15) for _ in range(300)]
-        floors.append(ece_floor(confidence, 15))
+        floors.append(chance_ece(confidence, 15))
         assert floors[-1] == pytest.approx(np.mean(measured), rel=0.1)
         overconfident = rng.random(n) < confidence - 0.15  # 15 points less often right than it says
         assert reference_ece(confidence, overconfident, 15) > 0.12 > floors[-1]

@@ -49,14 +49,14 @@ def confusion_figure(cm, class_names, title):
     return fig
 
 
-def reliability_figure(curves, correct, bins, title, floor=None):
+def reliability_figure(curves, correct, bins, title, chance=None):
     """Accuracy against confidence in equal-width bins, one line per {name: confidences}: on the
-    diagonal a model is as sure as it is right; below it, overconfident. `floor`: the ECE that
-    perfect calibration shows by chance on these images (`src.evaluate.ece_floor`)."""
+    diagonal a model is as sure as it is right; below it, overconfident. `chance`: the ECE that
+    perfect calibration shows by chance on these images (`src.evaluate.chance_ece`)."""
     from matplotlib import pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":",
-            label="perfectly calibrated" + (f" (ECE {floor:.3f} by chance)" if floor is not None else ""))
+            label="perfectly calibrated" + (f" (ECE {chance:.3f} by chance)" if chance is not None else ""))
     for name, confidence in curves.items():
         which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
         used = [b for b in range(bins) if (which == b).any()]
