@@ -4,6 +4,7 @@
     python -m benchmarks.recipe --budgets 3 10 --rows baseline recipe
     python -m benchmarks.recipe --data DIR --workdir /tmp/recipes   # your photos; keep the project
     python -m benchmarks.recipe --data DIR --rows recipe --set model.pretrained=/path/model.pt  # fine-tune
+    python -m benchmarks.recipe --rows recipe plus-resnet-d --seeds 1 2 3   # repeats: mean, spread, paired gain
 
 It clones this repository's committed HEAD into --workdir, points `data.source` at --data
 (default ../shared/datasets/flowers_dev), runs ingest + split once, then queues one DVC
@@ -19,11 +20,15 @@ you want to keep without the target. Experiments run one at a time
 Afterwards `dvc exp show` and `mlflow ui` in --workdir compare the same runs.
 
 Rows: see ROWS. Single runs on a few hundred val images: differences under ~3 points are within noise.
+With --seeds every row runs once per seed, the rows alternating (A B A B ...), so that a drift in
+the machine's speed hits each row alike; a second table gives each row's mean and spread, and
+its mean gain over `recipe` on the same seeds.
 """
 import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,13 +89,13 @@ def make_workdir(workdir, data):
 
 
 def queue(workdir, name, settings, budgets):
-    """One `dvc exp run --queue` per row; the budgets make it a grid (one experiment each)."""
+    """One `dvc exp run --queue` per row (and seed); the budgets make it a grid (one experiment each)."""
     cmd = ["dvc", "exp", "run", "--queue", "-S", "train.time_budget=" + ",".join(map(str, budgets)),
            "-S", "evaluate.tta=true"]
     for key, value in settings.items():
         cmd += ["-S", f"{key}={value}"]
     if len(budgets) == 1:
-        cmd += ["-n", name]  # a grid names its experiments itself
+        cmd += ["-n", name if "seed" not in settings else f"{name}-seed{settings['seed']}"]  # a grid names its own
     sh(cmd + ["evaluate"], workdir)
     print("$", " ".join(cmd[:3] + [f"'{c}'" if "," in c else c for c in cmd[3:]] + ["evaluate"]), flush=True)
 
@@ -142,19 +147,41 @@ def table(workdir):
     for exp, params, m in experiments(workdir):
         split = "test" if "test/accuracy" in m else "val"
         row = row_name(params)
-        rows.append((params["train"]["time_budget"], list(ROWS).index(row) if row in ROWS else len(ROWS), row, exp,
-                     m.get("epochs_run"), m.get("train_seconds"), m.get("best_val_acc"),
+        rows.append((params["train"]["time_budget"], list(ROWS).index(row) if row in ROWS else len(ROWS), row,
+                     params.get("seed"), exp, m.get("epochs_run"), m.get("train_seconds"), m.get("best_val_acc"),
                      m.get(f"{split}/balanced_accuracy"), m.get(f"{split}/tta_accuracy"), m.get(f"{split}/ece"),
                      m.get(f"{split}/ece_uncalibrated"), m.get(f"{split}/chance_ece")))
     # s/epoch: the machine's speed during that run too (a shared CPU's drifts by a third within an hour)
-    print("\n| budget | row | experiment | epochs | train s | s/epoch | best val acc | balanced acc | with flip TTA "
-          "| ECE | ECE uncalibrated | ECE by chance |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| budget | row | seed | experiment | epochs | train s | s/epoch | best val acc | balanced acc "
+          "| with flip TTA | ECE | ECE uncalibrated | ECE by chance |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)
-    for budget, _, row, exp, epochs, seconds, acc, bal, tta, ece, raw, floor in sorted(rows):
+    for budget, _, row, seed, exp, epochs, seconds, acc, bal, tta, ece, raw, floor in sorted(rows):
         per_epoch = f"{seconds / epochs:.2f}" if epochs and seconds else "?"
-        print(f"| {budget} min | {row} | {exp} | {epochs} | {seconds} | {per_epoch} | {fmt(acc)} | {fmt(bal)} "
-              f"| {fmt(tta)} | {fmt(ece)} | {fmt(raw)} | {fmt(floor)} |")
+        print(f"| {budget} min | {row} | {seed} | {exp} | {epochs} | {seconds} | {per_epoch} | {fmt(acc)} "
+              f"| {fmt(bal)} | {fmt(tta)} | {fmt(ece)} | {fmt(raw)} | {fmt(floor)} |")
+    repeats_table(rows)
+
+
+def repeats_table(rows):
+    """Per budget and row with several seeds: val accuracy's mean, standard deviation and range, and
+    the mean gain over `recipe` on the seeds both ran (paired: the same seed, neighbouring minutes)."""
+    acc = {}  # (budget, order, row) -> {seed: best val acc}
+    for budget, order, row, seed, *_, value, _bal, _tta, _ece, _raw, _floor in rows:
+        if isinstance(value, float):
+            acc.setdefault((budget, order, row), {})[seed] = value
+    if not any(len(seeds) > 1 for seeds in acc.values()):
+        return
+    print("\n| budget | row | runs | mean val acc | sd | range | gain over recipe (paired runs) |")
+    print("|---|---|---|---|---|---|---|")
+    for (budget, _, row), seeds in sorted(acc.items()):
+        values = list(seeds.values())
+        sd = f"{statistics.stdev(values):.3f}" if len(values) > 1 else "-"
+        base = next((s for (b, _, r), s in acc.items() if b == budget and r == "recipe"), {})
+        gains = [seeds[k] - base[k] for k in seeds if k in base]
+        gain = "-" if row == "recipe" or not gains else f"{statistics.mean(gains):+.3f} ({len(gains)})"
+        print(f"| {budget} min | {row} | {len(values)} | {statistics.mean(values):.3f} | {sd} "
+              f"| {min(values):.3f}-{max(values):.3f} | {gain} |")
 
 
 def main():
@@ -164,6 +191,8 @@ def main():
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="added to every row, e.g. model.pretrained=/path/model.pt (fine-tuning)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run every row once per seed (params.yaml's `seed`), "
+                        "alternating rows; default: one run of each at params.yaml's seed")
     parser.add_argument("--workdir", type=Path, help="default: a new folder under /tmp, kept")
     parser.add_argument("--table-only", action="store_true", help="print the table of an existing --workdir")
     args = parser.parse_args()
@@ -182,13 +211,16 @@ def main():
     started = time.time()
     make_workdir(workdir, args.data.resolve())
     extra = dict(item.split("=", 1) for item in args.set)
-    for name in args.rows:
-        queue(workdir, name, {**ROWS[name], **extra}, budgets)
+    # Seed outside, rows inside: A B A B, so that neither row gets all of a slow hour.
+    for seed in args.seeds or [None]:
+        for name in args.rows:
+            queue(workdir, name, {**ROWS[name], **extra, **({"seed": seed} if seed is not None else {})}, budgets)
     # The worker it starts outlives the command: no pipe to it, or reading its output never ends.
     subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=workdir, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, check=True)
     print(wait_for_queue(workdir), flush=True)
-    print(f"{len(args.rows) * len(budgets)} experiments in {(time.time() - started) / 60:.1f} min; "
+    runs = len(args.rows) * len(budgets) * len(args.seeds or [None])
+    print(f"{runs} experiments in {(time.time() - started) / 60:.1f} min; "
           f"compare them: cd {workdir} && dvc exp show  (or mlflow ui)")
     table(workdir)
 
