@@ -29,6 +29,7 @@ from src.core.paths import CONFUSION_CSV, CONFUSION_PNG, EVAL_METRICS, MISCLASSI
 from src.core.process import run_stage
 from src.data.loaders import ImageFiles
 from src.data.manifest import check_same_classes, held_out_split, read_manifest, rows_for
+from src.inference.calibration_error import chance_ece, expected_calibration_error
 from src.inference.classify import classify_files
 from src.inference.explain import overlays
 from src.inference.figures import confusion_figure, image_grid, reliability_figure, save_figure
@@ -45,45 +46,6 @@ def confusion_matrix(y_true, y_pred, n_classes):
 def ratio(a, b):
     """a / b elementwise, 0 where b is 0 (scikit-learn's zero_division=0)."""
     return np.divide(a, b, out=np.zeros(len(a)), where=b > 0)
-
-
-def confidence_bins(confidence, bins):
-    """Each answer's equal-width confidence bin, one-hot (images x bins): bin b holds (b/bins, (b+1)/bins]."""
-    which = np.clip(np.ceil(np.asarray(confidence) * bins).astype(int) - 1, 0, bins - 1)
-    return np.eye(bins)[which]
-
-
-def calibration_gaps(onehot, confidence, correct):
-    """The ECE of each row of `correct` (draws x images, 1 = right), answers binned as `onehot`."""
-    count = onehot.sum(0)
-    used = count > 0
-    mean_confidence = np.asarray(confidence, dtype=np.float64) @ onehot[:, used] / count[used]
-    accuracy = correct @ onehot[:, used] / count[used]
-    return (count[used] / len(onehot) * np.abs(accuracy - mean_confidence)).sum(1)
-
-
-def expected_calibration_error(confidence, correct, bins):
-    """Sum over equal-width confidence bins of (bin share) * |accuracy - mean confidence|:
-    0 when the model is exactly as sure as it is right (Guo et al., 2017)."""
-    correct = np.asarray(correct, dtype=np.float64)[None]
-    return float(calibration_gaps(confidence_bins(confidence, bins), confidence, correct)[0])
-
-
-def chance_ece(confidence, bins, draws=1000, seed=0):
-    """The ECE a perfectly calibrated model with these confidences shows on this many images: each
-    answer right with exactly its confidence, the mean of seeded draws. It is ECE's own sampling
-    noise (few images per bin, gaps by chance): a measured ECE near it is as calibrated as this
-    test set can tell; it shrinks as the test set grows."""
-    confidence = np.asarray(confidence, dtype=np.float64)
-    n = len(confidence)
-    if not n:
-        return 0.0
-    onehot, rng = confidence_bins(confidence, bins), np.random.default_rng(seed)
-    draws = min(draws, max(20, 20_000_000 // n))  # a million images: 20 draws (their floor is tiny)
-    chunk = max(1, 2_000_000 // n)  # draws at a time: each array stays ~16 MB
-    gaps = [calibration_gaps(onehot, confidence, (rng.random((min(chunk, draws - done), n)) < confidence)
-                             .astype(np.float64)) for done in range(0, draws, chunk)]
-    return float(np.concatenate(gaps).mean())
 
 
 def classification_metrics(y_true, logits, class_names, bins, temperature=1.0):

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-from src.evaluate import chance_ece, classification_metrics
+from src.evaluate import classification_metrics
+from src.inference.calibration_error import chance_ece
 from src.networks.checkpoint import load_trained_model
 
 from conftest import image_folder, make_project, python, run, tutorial_logits, use_store

@@ -11,6 +11,7 @@ from PIL import Image
 
 from src.core.files import atomic_path
 from src.data.images import open_rgb
+from src.inference.calibration_error import bin_means, confidence_bins
 
 THUMBNAIL = 256  # pixels: enough to see the picture, small enough for a grid of many
 
@@ -52,16 +53,14 @@ def confusion_figure(cm, class_names, title):
 def reliability_figure(curves, correct, bins, title, chance=None):
     """Accuracy against confidence in equal-width bins, one line per {name: confidences}: on the
     diagonal a model is as sure as it is right; below it, overconfident. `chance`: the ECE that
-    perfect calibration shows by chance on these images (`src.evaluate.chance_ece`)."""
+    perfect calibration shows by chance on these images (`calibration_error.chance_ece`)."""
     from matplotlib import pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":",
             label="perfectly calibrated" + (f" (ECE {chance:.3f} by chance)" if chance is not None else ""))
     for name, confidence in curves.items():
-        which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-        used = [b for b in range(bins) if (which == b).any()]
-        ax.plot([confidence[which == b].mean() for b in used], [correct[which == b].mean() for b in used],
-                marker="o", label=name)
+        onehot = confidence_bins(confidence, bins)
+        ax.plot(bin_means(onehot, confidence), bin_means(onehot, correct), marker="o", label=name)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (top-class probability)")
