@@ -80,7 +80,7 @@ def test_preprocessing_is_that_of_the_archs_weights():
     assert normalization(params_for("efficientnet_v2_l", "imagenet")) == {"mean": [0.5] * 3, "std": [0.5] * 3}
 
 
-def test_weights_of_another_arch_or_a_missing_file_fail_with_one_line(tmp_path):
+def test_weights_of_another_arch_or_a_missing_file_fail_with_one_line_naming_the_arch_to_use(tmp_path):
     torchvision_file(tmp_path / "r18.pth")
     with pytest.raises(UserError) as e:
         create_model(params_for("resnet34", tmp_path / "r18.pth"), 10)
@@ -88,6 +88,12 @@ def test_weights_of_another_arch_or_a_missing_file_fail_with_one_line(tmp_path):
     assert "missing from the file" in str(e.value)
     with pytest.raises(UserError, match="no such file; use none, imagenet or the path"):
         create_model(params_for(pretrained=tmp_path / "nope.pth"), 10)
+    ours = tmp_path / "model.pt"  # one of ours names its arch: the error says which to set
+    save_checkpoint(ours, {"arch": "resnet18d", "num_classes": 5, "model": create_model(params_for("resnet18d"), 5)
+                           .state_dict()})
+    with pytest.raises(UserError, match=r"^\S+model.pt is a resnet18d checkpoint and arch=resnet18: fine-tune it "
+                                        r"as trained, with arch=resnet18d \(dvc exp run -S arch=resnet18d\)$"):
+        create_model(params_for(pretrained=ours), 10)
 
 
 class CreatesFile:

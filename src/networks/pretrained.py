@@ -105,9 +105,15 @@ def load_pretrained(model, state, num_classes, source):
     return new_head
 
 
-def read_weights(path):
-    """The state dict in a weights file (loaded with weights_only=True: no code in it runs)."""
-    state = model_state(load_checkpoint(path))
+def read_weights(path, arch):
+    """The state dict in a weights file (loaded with weights_only=True: no code in it runs). One of
+    this project's checkpoints names its arch, so fine-tuning it as another is a one-line error."""
+    content = load_checkpoint(path)
+    recorded = content.get("arch") if isinstance(content, dict) and content.get("format") == FORMAT else None
+    if recorded is not None and recorded != arch:
+        raise UserError(f"{path} is a {recorded} checkpoint and arch={arch}: fine-tune it as trained, with "
+                        f"arch={recorded} (dvc exp run -S arch={recorded})")
+    state = model_state(content)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path} holds no state dict of tensors; give a torchvision state dict or a models/model.pt")
     return state

@@ -17,7 +17,8 @@ def create_model(params, num_classes):
     model = build_model(params["arch"], num_classes,
                         **({"zero_init_residual": True} if cfg.get("zero_init_residual") else {}))
     if path is not None:
-        new_head = load_pretrained(model, read_weights(path), num_classes, f"model.pretrained={cfg['pretrained']}")
+        new_head = load_pretrained(model, read_weights(path, params["arch"]), num_classes,
+                                   f"model.pretrained={cfg['pretrained']}")
         print(f"model: {params['arch']} with weights from {path}"
               + (f"; new {num_classes}-way head ({', '.join(new_head)})" if new_head else ""))
     if frozen_now(cfg, 1):
