@@ -60,6 +60,8 @@ ROWS = {
     "plus-randaugment": {"train.augment": "randaugment"},
     "plus-mixup-cutmix": {"train.mixup": 0.2, "train.cutmix": 1.0},
     "plus-class-balance": {"train.class_balance": "loss"},
+    # Twice the updates per epoch; lr by the square root of the batch, the EMA over as many images
+    "batch-16": {"train.batch_size": 16, "train.lr": 0.0014, "train.ema_decay": 0.999},
     "size-112": {"data.image_size": 112, "train.start_image_size": 64},
     "size-64-eval-80": {"data.image_size": 64, "train.start_image_size": 40, "data.eval_image_size": 80},  # FixRes
     "checkpoint-every-epoch": {"train.checkpoint_minutes": 0},  # the resume file's cost, as before session 15
