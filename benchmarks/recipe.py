@@ -158,28 +158,27 @@ def table(workdir):
           "| with flip TTA | ECE | ECE uncalibrated | ECE by chance |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)
-    for budget, _, row, seed, exp, epochs, seconds, acc, bal, tta, ece, raw, floor in sorted(rows):
+    accuracy = {}  # (budget, order, row) -> {seed: best val acc}, for the repeats table
+    for budget, order, row, seed, exp, epochs, seconds, acc, bal, tta, ece, raw, floor in sorted(rows):
         per_epoch = f"{seconds / epochs:.2f}" if epochs and seconds else "?"
         print(f"| {budget} min | {row} | {seed} | {exp} | {epochs} | {seconds} | {per_epoch} | {fmt(acc)} "
               f"| {fmt(bal)} | {fmt(tta)} | {fmt(ece)} | {fmt(raw)} | {fmt(floor)} |")
-    repeats_table(rows)
+        if isinstance(acc, float):
+            accuracy.setdefault((budget, order, row), {})[seed] = acc
+    repeats_table(accuracy)
 
 
-def repeats_table(rows):
+def repeats_table(accuracy):
     """Per budget and row with several seeds: val accuracy's mean, standard deviation and range, and
     the mean gain over `recipe` on the seeds both ran (paired: the same seed, neighbouring minutes)."""
-    acc = {}  # (budget, order, row) -> {seed: best val acc}
-    for budget, order, row, seed, *_, value, _bal, _tta, _ece, _raw, _floor in rows:
-        if isinstance(value, float):
-            acc.setdefault((budget, order, row), {})[seed] = value
-    if not any(len(seeds) > 1 for seeds in acc.values()):
+    if not any(len(seeds) > 1 for seeds in accuracy.values()):
         return
     print("\n| budget | row | runs | mean val acc | sd | range | gain over recipe (paired runs) |")
     print("|---|---|---|---|---|---|---|")
-    for (budget, _, row), seeds in sorted(acc.items()):
+    for (budget, _, row), seeds in sorted(accuracy.items()):
         values = list(seeds.values())
         sd = f"{statistics.stdev(values):.3f}" if len(values) > 1 else "-"
-        base = next((s for (b, _, r), s in acc.items() if b == budget and r == "recipe"), {})
+        base = accuracy.get((budget, list(ROWS).index("recipe"), "recipe"), {})
         gains = [seeds[k] - base[k] for k in seeds if k in base]
         gain = "-" if row == "recipe" or not gains else f"{statistics.mean(gains):+.3f} ({len(gains)})"
         print(f"| {budget} min | {row} | {len(values)} | {statistics.mean(values):.3f} | {sd} "
@@ -201,6 +200,8 @@ def main():
     bad = next((item for item in args.set if "=" not in item), None)
     if bad:
         parser.error(f"--set {bad}: give KEY=VALUE, e.g. model.pretrained=/path/model.pt")
+    if args.seeds and len(set(args.seeds)) < len(args.seeds):
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: give each seed once (runs are named after them)")
     os.environ.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
     if not shutil.which("dvc"):
         sys.exit("dvc is not on PATH: activate the project's .venv first")
@@ -216,7 +217,7 @@ def main():
     # Seed outside, rows inside: A B A B, so that neither row gets all of a slow hour.
     for seed in args.seeds or [None]:
         for name in args.rows:
-            queue(workdir, name, {**ROWS[name], **extra, **({"seed": seed} if seed is not None else {})}, budgets)
+            queue(workdir, name, {**ROWS[name], **extra, **({} if seed is None else {"seed": seed})}, budgets)
     # The worker it starts outlives the command: no pipe to it, or reading its output never ends.
     subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=workdir, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, check=True)
