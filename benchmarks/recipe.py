@@ -64,6 +64,9 @@ ROWS = {
     "batch-16": {"train.batch_size": 16, "train.lr": 0.0014, "train.ema_decay": 0.999},
     "size-112": {"data.image_size": 112, "train.start_image_size": 64},
     "size-64-eval-80": {"data.image_size": 64, "train.start_image_size": 40, "data.eval_image_size": 80},  # FixRes
+    # Half the channels (a quarter of the compute): more epochs in the budget, or larger crops in as many
+    "width-32": {"arch": "resnet18_w32"},
+    "width-32-size-112": {"arch": "resnet18_w32", "data.image_size": 112, "train.start_image_size": 64},
     "checkpoint-every-epoch": {"train.checkpoint_minutes": 0},  # the resume file's cost, as before session 15
 }
 
