@@ -67,6 +67,8 @@ ROWS = {
     # Half the channels (a quarter of the compute): more epochs in the budget, or larger crops in as many
     "width-32": {"arch": "resnet18_w32"},
     "width-32-size-112": {"arch": "resnet18_w32", "data.image_size": 112, "train.start_image_size": 64},
+    "width-32-size-128": {"arch": "resnet18_w32", "data.image_size": 128, "train.start_image_size": 72},
+    "width-32-size-144": {"arch": "resnet18_w32", "data.image_size": 144, "train.start_image_size": 80},
     "checkpoint-every-epoch": {"train.checkpoint_minutes": 0},  # the resume file's cost, as before session 15
 }
 

@@ -7,7 +7,7 @@ import torchvision
 from src.core.errors import UserError
 from src.networks.factory import build_model
 from src.networks.pretrained import imagenet_weights
-from src.networks.resnet import FAMILY, RESNET_D
+from src.networks.resnet import FAMILY, NARROW, RESNET_D
 from src.networks.transfer import head_module_name
 
 
@@ -30,7 +30,7 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("arch", [a for a in FAMILY if a not in RESNET_D])
+@pytest.mark.parametrize("arch", [a for a in FAMILY if a not in RESNET_D and a not in NARROW])
 def test_family_equals_torchvision(arch):
     torch.manual_seed(0)
     theirs = torchvision.models.get_model(arch, weights=None).eval()
@@ -79,6 +79,16 @@ def test_resnet_d_has_the_deep_stem_and_average_pool_shortcuts_and_timms_size():
     assert build_model("resnext50d_32x4d", 3)(torch.randn(2, 3, 48, 48)).shape == (2, 3)
     with pytest.raises(UserError, match="torchvision has no ImageNet weights for arch=resnet18d"):
         imagenet_weights("resnet18d")
+
+
+def test_resnet18_w32_is_resnet18_with_half_the_channels_in_every_layer():
+    narrow, full = build_model("resnet18_w32", 5).state_dict(), build_model("resnet18", 5).state_dict()
+    assert narrow.keys() == full.keys()  # the same layers, names and shortcuts
+    for name, tensor in full.items():
+        if tensor.ndim == 4:  # conv weights: out and in channels halved (but the 3 colours in)
+            assert narrow[name].shape == (tensor.shape[0] // 2, max(3, tensor.shape[1] // 2), *tensor.shape[2:])
+    assert narrow["fc.weight"].shape == (5, 256)
+    assert build_model("resnet18_w32", 5)(torch.randn(2, 3, 48, 48)).shape == (2, 5)
 
 
 def test_include_top_false_is_torchvisions_backbone():

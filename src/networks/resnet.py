@@ -5,6 +5,8 @@ BasicBlock (two 3x3 convs, expansion 1) makes ResNet-18/34; Bottleneck (1x1 sque
 same Bottleneck with more groups or wider 3x3 convs. Module names match torchvision's,
 so torchvision's ImageNet weights load into these networks unchanged.
 
+`width` sets the channels of the first stage (64, torchvision's; the later stages have 2x, 4x, 8x).
+
 Two options from "Bag of Tricks for Image Classification" (He et al., 2019), both off by default
 (then the network is torchvision's):
 - ResNet-D (`resnet18d`, `resnet50d`, ...: timm's names): a deep stem (three 3x3 convs instead of
@@ -202,5 +204,7 @@ FAMILY = {f.__name__: f for f in (
 RESNET_D = {name.replace("_", "d_", 1) if "_" in name else name + "d": name for name in FAMILY
             if name.startswith(("resnet", "resnext"))}
 FAMILY.update({d: functools.partial(FAMILY[base], resnet_d=True) for d, base in RESNET_D.items()})
-# Half as many channels in every stage: a quarter of the compute, ~2.4x the training images per second on a CPU.
-FAMILY["resnet18_w32"] = functools.partial(resnet18, width=32)
+# Half as many channels in every stage (32, 64, 128, 256): a quarter of the compute, for small datasets
+# trained from scratch on a CPU. No torchvision weights exist for these.
+NARROW = {"resnet18_w32": "resnet18"}
+FAMILY.update({name: functools.partial(FAMILY[base], width=32) for name, base in NARROW.items()})
