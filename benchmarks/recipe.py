@@ -4,7 +4,7 @@
     python -m benchmarks.recipe --budgets 3 10 --rows baseline recipe
     python -m benchmarks.recipe --data DIR --workdir /tmp/recipes   # your photos; keep the project
     python -m benchmarks.recipe --data DIR --rows recipe --set model.pretrained=/path/model.pt  # fine-tune
-    python -m benchmarks.recipe --rows recipe plus-resnet-d --seeds 1 2 3   # repeats: mean, spread, paired gain
+    python -m benchmarks.recipe --rows recipe resnet18-80 --seeds 1 2 3   # repeats: mean, spread, paired gain
 
 It clones this repository's committed HEAD into --workdir, points `data.source` at --data
 (default ../shared/datasets/flowers_dev), runs ingest + split once, then queues one DVC
@@ -45,6 +45,11 @@ REPO = Path(__file__).resolve().parents[1]
 ROWS = {
     "baseline": {"recipe": "digits", "train.hflip": 0.5},
     "recipe": {},
+    # The photo recipe of sessions 10-16: the full-width network at 80 px (more channels, fewer pixels, fewer epochs)
+    "resnet18-80": {"arch": "resnet18", "data.image_size": 80, "train.start_image_size": 48},
+    "resnet18d-80": {"arch": "resnet18d", "data.image_size": 80, "train.start_image_size": 48},
+    "minus-width": {"arch": "resnet18"},  # full width at 112 px: resnet18 as torchvision has it, half the epochs
+    "minus-size": {"data.image_size": 80, "train.start_image_size": 48},  # half width at 80 px: 1.5x the epochs
     "minus-progressive": {"train.start_image_size": 0},
     "minus-erasing": {"train.random_erasing": 0},
     "minus-ema": {"train.ema_decay": 0},
@@ -52,23 +57,16 @@ ROWS = {
     "minus-adamw": {"train.optimizer": "adam", "train.weight_decay": 0},
     "minus-crop": {"train.crop_scale": "[0.6,1.0]"},
     "minus-calibration": {"train.calibrate": "false"},
-    "plus-eval-96": {"data.eval_image_size": 96},
-    "plus-eval-104": {"data.eval_image_size": 104},
+    "plus-eval-128": {"data.eval_image_size": 128},  # FixRes: evaluate at 1.15x the training size
     "plus-zero-init": {"model.zero_init_residual": "true"},
-    "plus-resnet-d": {"arch": "resnet18d"},
     "plus-trivialaugment": {"train.augment": "trivialaugment"},
     "plus-randaugment": {"train.augment": "randaugment"},
     "plus-mixup-cutmix": {"train.mixup": 0.2, "train.cutmix": 1.0},
     "plus-class-balance": {"train.class_balance": "loss"},
     # Twice the updates per epoch; lr by the square root of the batch, the EMA over as many images
     "batch-16": {"train.batch_size": 16, "train.lr": 0.0014, "train.ema_decay": 0.999},
-    "size-112": {"data.image_size": 112, "train.start_image_size": 64},
-    "size-64-eval-80": {"data.image_size": 64, "train.start_image_size": 40, "data.eval_image_size": 80},  # FixRes
-    # Half the channels (a quarter of the compute): more epochs in the budget, or larger crops in as many
-    "width-32": {"arch": "resnet18_w32"},
-    "width-32-size-112": {"arch": "resnet18_w32", "data.image_size": 112, "train.start_image_size": 64},
-    "width-32-size-128": {"arch": "resnet18_w32", "data.image_size": 128, "train.start_image_size": 72},
-    "width-32-size-144": {"arch": "resnet18_w32", "data.image_size": 144, "train.start_image_size": 80},
+    "size-128": {"data.image_size": 128, "train.start_image_size": 72},
+    "size-144": {"data.image_size": 144, "train.start_image_size": 80},
     "checkpoint-every-epoch": {"train.checkpoint_minutes": 0},  # the resume file's cost, as before session 15
 }
 

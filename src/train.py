@@ -244,8 +244,8 @@ def recipe_record(name, filled):
     ({"name": "photo", "train": {"lr": 0.002, ...}}): what `dvc exp show` lists as recipe.train.lr."""
     record = {"name": name}
     for knob, value in filled.items():
-        section, key = knob.split(".")
-        record.setdefault(section, {})[key] = value
+        *section, key = knob.split(".")
+        (record.setdefault(section[0], {}) if section else record)[key] = value
     return record
 
 

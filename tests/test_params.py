@@ -103,7 +103,7 @@ def test_unknown_top_level_key_through_dvc(project):
     set_params(project, {"trian": {"epochs": 1}})
     result = run(["dvc", "repro", "train"], project, check=False)
     assert result.returncode != 0
-    expected = "error: params.yaml: unknown key 'trian'; allowed here: arch, recipe, seed, data"
+    expected = "error: params.yaml: unknown key 'trian'; allowed here: recipe, arch, seed, data"
     assert expected in result.stderr + result.stdout
     assert not (project / "data" / "raw").exists()  # stopped at the first stage, before ingesting
 
@@ -129,7 +129,9 @@ def recipe_params(tmp_path, **changes):
 
 
 def effective(params, recipe):
-    return {knob: params[knob.split(".")[0]][knob.split(".")[1]] for knob in recipe}
+    """{knob: its value in params} for the recipe's knobs ("arch" top-level, "train.lr" in a section)."""
+    return {knob: params[knob] if "." not in knob else params[knob.split(".")[0]][knob.split(".")[1]]
+            for knob in recipe}
 
 
 def test_the_switch_gives_photos_the_photo_recipe_the_sample_digits_and_pretrained_weights_fine_tuning(tmp_path):
@@ -145,10 +147,11 @@ def test_the_switch_gives_photos_the_photo_recipe_the_sample_digits_and_pretrain
 
 
 def test_a_knob_given_a_value_wins_over_the_recipe_and_only_nulls_are_filled(tmp_path):
-    params, filled = recipe_params(tmp_path, **{"data.source": str(tmp_path), "train.hflip": 0.25})
+    params, filled = recipe_params(tmp_path, **{"data.source": str(tmp_path), "train.hflip": 0.25, "arch": "resnet34"})
     assert params["train"]["hflip"] == 0.25 and "train.hflip" not in filled
+    assert params["arch"] == "resnet34" and "arch" not in filled  # a top-level knob too (-S arch=resnet34)
     assert params["train"]["optimizer"] == PHOTO["train.optimizer"] and filled["train.optimizer"] == "adamw"
-    assert set(filled) == set(PHOTO) - {"train.hflip"}
+    assert set(filled) == set(PHOTO) - {"train.hflip", "arch"}
 
 
 def test_a_bad_recipe_and_a_null_the_recipe_does_not_fill_are_one_line(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from src.core.errors import UserError
+from src.core.recipes import PHOTO
 from src.search.space import load_space
 
 from conftest import REPO, commit_data_stages, copy_project, env, image_folder, logged_runs, make_project, python, run
@@ -162,6 +163,9 @@ def test_a_bad_space_entry_is_one_line_naming_it(tmp_path, space, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_the_default_space_is_valid_and_starts_from_the_readme_recipe():
+def test_the_default_space_is_valid_and_starts_from_the_photo_recipe():
     cfg = load_space(REPO / "tune.yaml")
-    assert cfg["fixed"]["train.time_budget"] == 3 and cfg["start_from"][0]["data.image_size"] == 80
+    first = {**cfg["fixed"], **cfg["start_from"][0]}
+    shared = set(first) & set(PHOTO)
+    assert {"arch", "data.image_size", "train.lr", "train.start_image_size", "train.time_budget"} <= shared
+    assert {knob: first[knob] for knob in shared} == {knob: PHOTO[knob] for knob in shared}

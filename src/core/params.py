@@ -104,8 +104,8 @@ MAX_BATCH = 65_536
 MAX_WORKERS = 1024
 PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses bigger images whatever we allow
 SCHEMA = {
+    "recipe": choice(*recipes.CHOICES),  # first: a bad recipe is named before the nulls it would fill
     "arch": text,  # checked against the model registry when the model is built
-    "recipe": choice(*recipes.CHOICES),
     "seed": integer(0, 2**32 - 1),  # numpy's seed range; torch takes up to 2**64 - 1 (seed + rank, + epoch)
     "data": {
         "source": data_source,
