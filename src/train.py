@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
-from src.core import process, tracking
+from src.core import process, recipes, tracking
 from src.core.device import Normalizer, RunSettings, configure, pick_device, pick_precision, use_channels_last
 from src.core.errors import UserError
 from src.core.files import read_json, write_json, write_text
@@ -242,11 +242,7 @@ def calibrate(progress, params, class_names, device, logits=None):
 def recipe_record(name, filled):
     """The recipe and the values it gave the knobs params.yaml left null, nested as in params.yaml
     ({"name": "photo", "train": {"lr": 0.002, ...}}): what `dvc exp show` lists as recipe.train.lr."""
-    record = {"name": name}
-    for knob, value in filled.items():
-        *section, key = knob.split(".")
-        (record.setdefault(section[0], {}) if section else record)[key] = value
-    return record
+    return {"name": name, **recipes.nested(filled)}
 
 
 def summarise(progress, seconds, temperature, recipe, log_model):

@@ -59,3 +59,12 @@ def fill(params):
         if isinstance(node, dict) and key in node and node[key] is None:
             node[key] = filled[knob] = value
     return params, filled
+
+
+def nested(knobs):
+    """{"train.lr": 0.002, "arch": "x"} nested as params.yaml is: {"train": {"lr": 0.002}, "arch": "x"}."""
+    tree = {}
+    for knob, value in knobs.items():
+        *section, key = knob.split(".")
+        (tree.setdefault(section[0], {}) if section else tree)[key] = value
+    return tree
