@@ -49,6 +49,7 @@ ROWS = {
     # recipe of sessions 10-16, resnet18d-80 their best at 3 minutes
     "resnet18-80": {"arch": "resnet18", "data.image_size": 80, "train.start_image_size": 48},
     "resnet18d-80": {"arch": "resnet18d", "data.image_size": 80, "train.start_image_size": 48},
+    "plus-resnet-d": {"arch": "resnet18d_w32"},  # ResNet-D's deep stem and average-pool shortcuts, half width
     "minus-width": {"arch": "resnet18"},  # full width at 112 px: resnet18 as torchvision has it, half the epochs
     "minus-size": {"data.image_size": 80, "train.start_image_size": 48},  # half width at 80 px: 1.5x the epochs
     "minus-progressive": {"train.start_image_size": 0},

@@ -81,14 +81,15 @@ def test_resnet_d_has_the_deep_stem_and_average_pool_shortcuts_and_timms_size():
         imagenet_weights("resnet18d")
 
 
-def test_resnet18_w32_is_resnet18_with_half_the_channels_in_every_layer():
-    narrow, full = build_model("resnet18_w32", 5).state_dict(), build_model("resnet18", 5).state_dict()
+@pytest.mark.parametrize("arch", NARROW)
+def test_narrow_network_is_its_base_with_half_the_channels_in_every_layer(arch):
+    narrow, full = build_model(arch, 5).state_dict(), build_model(NARROW[arch], 5).state_dict()
     assert narrow.keys() == full.keys()  # the same layers, names and shortcuts
     for name, tensor in full.items():
         if tensor.ndim == 4:  # conv weights: out and in channels halved (but the 3 colours in)
             assert narrow[name].shape == (tensor.shape[0] // 2, max(3, tensor.shape[1] // 2), *tensor.shape[2:])
     assert narrow["fc.weight"].shape == (5, 256)
-    assert build_model("resnet18_w32", 5)(torch.randn(2, 3, 48, 48)).shape == (2, 5)
+    assert build_model(arch, 5)(torch.randn(2, 3, 48, 48)).shape == (2, 5)
 
 
 def test_include_top_false_is_torchvisions_backbone():

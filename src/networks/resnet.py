@@ -206,5 +206,5 @@ RESNET_D = {name.replace("_", "d_", 1) if "_" in name else name + "d": name for 
 FAMILY.update({d: functools.partial(FAMILY[base], resnet_d=True) for d, base in RESNET_D.items()})
 # Half as many channels in every stage (32, 64, 128, 256): a quarter of the compute, for small datasets
 # trained from scratch on a CPU. No torchvision weights exist for these.
-NARROW = {"resnet18_w32": "resnet18"}
+NARROW = {"resnet18_w32": "resnet18", "resnet18d_w32": "resnet18d"}
 FAMILY.update({name: functools.partial(FAMILY[base], width=32) for name, base in NARROW.items()})
