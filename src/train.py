@@ -34,7 +34,7 @@ from src.data.manifest import load_class_names, read_manifest, rows_for
 from src.data.transforms import train_transform
 from src.inference.classify import classify_files
 from src.networks.checkpoint import eval_image_size, load_trained_model, save_checkpoint
-from src.networks.pretrained import normalization
+from src.networks.pretrained import arch_as_trained, normalization
 from src.networks.transfer import create_model, set_transfer_phase
 from src.search.report import TrialReport
 from src.training.calibration import fit_temperature, fold_temperature
@@ -136,7 +136,7 @@ def train_loader(params, train_set, workers, dist, device):
 
 def main():
     process.start()
-    params, filled = load_params(with_filled=True)
+    params, filled = arch_as_trained(*load_params(with_filled=True))
     cfg = params["train"]
     dist, device = init_distributed(pick_device(cfg["device"]))
     configure(device, cfg["deterministic"])

@@ -13,7 +13,7 @@ from test_model import randomize_bn
 from src.core.errors import UserError
 from src.core.params import load_params
 from src.networks.checkpoint import save_checkpoint
-from src.networks.pretrained import normalization
+from src.networks.pretrained import arch_as_trained, normalization
 from src.networks.transfer import create_model, set_transfer_phase
 from src.training.trainer import make_optimizer
 
@@ -94,6 +94,19 @@ def test_weights_of_another_arch_or_a_missing_file_fail_with_one_line_naming_the
     with pytest.raises(UserError, match=r"^\S+model.pt is a resnet18d checkpoint and arch=resnet18: fine-tune it "
                                         r"as trained, with arch=resnet18d \(dvc exp run -S arch=resnet18d\)$"):
         create_model(params_for(pretrained=ours), 10)
+
+
+def test_a_recipes_arch_gives_way_to_the_arch_our_checkpoint_was_trained_as(tmp_path):
+    ours = tmp_path / "model.pt"
+    save_checkpoint(ours, {"arch": "resnet18_w32", "num_classes": 5,
+                           "model": create_model(params_for("resnet18_w32"), 5).state_dict()})
+    from_recipe = arch_as_trained(params_for("resnet18", ours), {"arch": "resnet18"})  # arch: null, filled
+    assert from_recipe[0]["arch"] == from_recipe[1]["arch"] == "resnet18_w32"  # trained and recorded as such
+    assert create_model(from_recipe[0], 3).fc.in_features == 256
+    set_by_user = arch_as_trained(params_for("resnet18", ours), {})
+    assert set_by_user[0]["arch"] == "resnet18"  # -S arch=resnet18 stays, and read_weights names the fix
+    torchvision_file(tmp_path / "r18.pth")  # a file that names no arch: the recipe's stays
+    assert arch_as_trained(params_for("resnet18", tmp_path / "r18.pth"), {"arch": "resnet18"})[0]["arch"] == "resnet18"
 
 
 class CreatesFile:

@@ -12,7 +12,9 @@ recipe filled, so `dvc exp show` lists them too.
   decoupled weight decay and warm-up, a weight average.
 - photo with model.pretrained: fine-tuning: the weights are good already, so a lower learning
   rate, less weight decay and a shorter warm-up, which keep what they know (the tutorial used
-  Adam at 1e-4 for a few epochs); resnet18 at 80 px, the network torchvision has weights for.
+  Adam at 1e-4 for a few epochs); resnet18 at 80 px, the network torchvision has weights for
+  (a checkpoint of ours is fine-tuned as the arch it was trained as: the train stage's
+  `arch_as_trained`).
 `auto` picks digits for `data.source: sample`, else photo.
 """
 DIGITS = {

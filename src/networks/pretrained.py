@@ -105,6 +105,23 @@ def load_pretrained(model, state, num_classes, source):
     return new_head
 
 
+def recorded_arch(params):
+    """The arch one of this project's checkpoints names when `model.pretrained` is one, else None."""
+    if params["model"]["pretrained"] in ("none", "imagenet"):
+        return None
+    content = load_checkpoint(pretrained_path(params))
+    return content.get("arch") if isinstance(content, dict) and content.get("format") == FORMAT else None
+
+
+def arch_as_trained(params, filled):
+    """A recipe's arch (params.yaml's `arch: null`) gives way to the one a checkpoint of ours was
+    trained as: fine-tuning a resnet18_w32 file needs no `-S arch`. An arch the user set stays, and
+    `read_weights` says in one line if it does not fit."""
+    if "arch" in filled:
+        params["arch"] = filled["arch"] = recorded_arch(params) or params["arch"]
+    return params, filled
+
+
 def read_weights(path, arch):
     """The state dict in a weights file (loaded with weights_only=True: no code in it runs). One of
     this project's checkpoints names its arch, so fine-tuning it as another is a one-line error."""
