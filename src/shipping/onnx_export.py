@@ -130,8 +130,12 @@ def quantize_int8(model, ckpt, checkpoint_path, int8_path, calibration_batches):
         if pixels_in is not None:  # the first conv's input: the pixels, cast to float; their own int8 values
             first_conv = next(node for node in onnx.load(str(pre)).graph.node if node.op_type == "Conv")
             overrides[first_conv.input[0]] = [{"scale": np.array(1, np.float32), "zero_point": np.array(0, np.uint8)}]
+        # 7-bit weights (reduce_range): without VNNI (AVX2-only CPUs) onnxruntime adds uint8 x int8
+        # products in pairs in 16 bits, which 0-255 pixels times 8-bit weights overflow (2 * 255 *
+        # 127 > 32767); with 7 bits the file gives the same numbers on every CPU it may be served on.
         quantize_static(str(pre), str(tmp), Batches(calibration_batches), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, reduce_range=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv", "Gemm", "MatMul", "Add", "Relu", "MaxPool",
                                               "GlobalAveragePool", "Flatten"],
                         extra_options={"TensorQuantOverrides": overrides})
