@@ -105,12 +105,18 @@ def load_pretrained(model, state, num_classes, source):
     return new_head
 
 
+def is_ours(content):
+    """Whether a loaded weights file is one of this project's checkpoints (which name their arch,
+    mean and std), not a bare state dict."""
+    return isinstance(content, dict) and content.get("format") == FORMAT
+
+
 def recorded_arch(params):
     """The arch one of this project's checkpoints names when `model.pretrained` is one, else None."""
     if params["model"]["pretrained"] in ("none", "imagenet"):
         return None
     content = load_checkpoint(pretrained_path(params))
-    return content.get("arch") if isinstance(content, dict) and content.get("format") == FORMAT else None
+    return content.get("arch") if is_ours(content) else None
 
 
 def arch_as_trained(params, filled):
@@ -126,7 +132,7 @@ def read_weights(path, arch):
     """The state dict in a weights file (loaded with weights_only=True: no code in it runs). One of
     this project's checkpoints names its arch, so fine-tuning it as another is a one-line error."""
     content = load_checkpoint(path)
-    recorded = content.get("arch") if isinstance(content, dict) and content.get("format") == FORMAT else None
+    recorded = content.get("arch") if is_ours(content) else None
     if recorded is not None and recorded != arch:
         raise UserError(f"{path} is a {recorded} checkpoint and arch={arch}: fine-tune it as trained, with "
                         f"arch={recorded} (dvc exp run -S arch={recorded})")
@@ -145,7 +151,7 @@ def normalization(params):
     """
     if params["model"]["pretrained"] not in ("none", "imagenet"):
         content = load_checkpoint(pretrained_path(params))
-        if isinstance(content, dict) and content.get("format") == FORMAT:
+        if is_ours(content):
             return {"mean": list(content["mean"]), "std": list(content["std"])}
     if params["arch"] in torchvision_archs():
         transforms = imagenet_weights(params["arch"]).transforms()
