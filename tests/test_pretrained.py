@@ -128,9 +128,12 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     torch.save({"fc.weight": torch.zeros(1), "x": CreatesFile(tmp_path / "pwned")}, evil)
     with pytest.raises(UserError, match="refused with weights_only=True"):
         create_model(params_for(pretrained=evil), 10)
-    with pytest.raises(UserError, match="refused with weights_only=True"):
+    with pytest.raises(UserError, match="refused with weights_only=True") as e:
         normalization(params_for(pretrained=evil))
     assert not (tmp_path / "pwned").exists()
+    # one line naming what to give instead, and none of torch's advice to load it unsafely
+    assert str(e.value).endswith("give a torchvision state dict (.pth) or a models/model.pt")
+    assert "\n" not in str(e.value) and "weights_only=False" not in str(e.value) and "safe_globals" not in str(e.value)
 
 
 def test_imagenet_offline_with_empty_cache_fails_fast_with_one_line(tmp_path):

@@ -28,8 +28,11 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a loadable weights file (refused with weights_only=True): "
-                        f"{first_line(e)}") from None
+        # torch's refusal comes with advice to load unsafely (weights_only=False, add_safe_globals):
+        # keep only its first sentence of what went wrong, after "WeightsUnpickler error:" if any.
+        why = first_line(str(e).split("WeightsUnpickler error:", 1)[-1]).split(". ")[0]
+        raise UserError(f"{path} is not a loadable weights file (refused with weights_only=True: {why}): "
+                        f"give a torchvision state dict (.pth) or a models/model.pt") from None
 
 
 def model_state(state):
