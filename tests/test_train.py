@@ -12,7 +12,7 @@ from src.networks.resnet import resnet18
 from src.training.schedule import EpochPlan, make_scheduler
 from src.training.trainer import make_optimizer
 
-from conftest import python, run, set_params, tutorial_logits
+from conftest import REPO, env, python, run, set_params, tutorial_logits
 
 CFG = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
        "decay_bn_and_bias": False, "scheduler": "cosine", "warmup_epochs": 1, "epochs": 4, "step_size": 2,
@@ -67,6 +67,18 @@ def lrs(cfg, steps_per_epoch=2):
     return seen
 
 
+@pytest.mark.parametrize("capability, layout", [("avx2", "channels_last"), ("default", "contiguous")])
+def test_fp32_convs_run_channels_last_on_an_avx2_only_cpu_and_nowhere_else(capability, layout):
+    """ATen's dispatch level, set as `make test-avx2` sets it, in a fresh interpreter (torch reads it
+    once, at import): without native bf16, training and inference from 64 px take channels_last on
+    an AVX2-only CPU only (faster there; slower with AVX512)."""
+    code = ("import torch; from src.core.device import use_channels_last as cl; cpu = torch.device('cpu'); "
+            "print(torch.backends.cpu.get_cpu_capability(), cl('auto', cpu, 112), cl('auto', cpu, 32))")
+    out = run([python(), "-c", code], cwd=REPO,
+              env={**env(), "ATEN_CPU_CAPABILITY": capability, "RESNET_TL_NATIVE_BF16": "0"}).stdout.split()
+    assert out == [capability.upper(), str(layout == "channels_last"), "False"]
+
+
 def test_schedules():
     cosine = lrs(CFG)  # one warmup epoch (2 steps), then cosine over the other 6
     assert cosine[:2] == pytest.approx([0.05, 0.1])
@@ -79,9 +91,8 @@ def test_schedules():
 
 def test_native_bf16_switch_overrides_the_cpu_flags(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setenv("RESNET_TL_NATIVE_BF16", "0")  # as on an AVX2-only CPU: fp32, NCHW
+    monkeypatch.setenv("RESNET_TL_NATIVE_BF16", "0")  # fp32; channels_last where the CPU is AVX2-only (next test)
     assert not cpu_has_bf16() and pick_precision("auto", cpu, 224) is None
-    assert not use_channels_last("auto", cpu, 224)
     monkeypatch.setenv("RESNET_TL_NATIVE_BF16", "1")
     assert pick_precision("auto", cpu, 224) == torch.bfloat16 and use_channels_last("auto", cpu, 224)
     assert pick_precision("auto", cpu, 32) is None  # below 64 px bf16 doesn't pay on any CPU

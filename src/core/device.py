@@ -68,12 +68,17 @@ def pick_precision(choice, device, image_size, param="train.precision"):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
+def cpu_is_avx2_only():
+    """An x86 CPU without AVX512, as torch dispatches its kernels (ATEN_CPU_CAPABILITY=avx2 emulates one)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
 def use_channels_last(choice, device, image_size):
-    """channels_last speeds up convs on CUDA tensor cores, and oneDNN's bf16 CPU kernels."""
+    """channels_last speeds up convs on CUDA tensor cores, oneDNN's bf16 CPU kernels, and its fp32
+    ones on AVX2-only CPUs; with AVX512 its fp32 convs are slower in it (benchmarks/README.md)."""
     if choice == "auto":
-        # On CPU it pays with bf16 only: fp32 convs are slower in channels_last there.
         return device.type == "cuda" or (device.type == "cpu" and image_size >= CPU_FAST_PATH_MIN_SIZE
-                                         and cpu_has_bf16())
+                                         and (cpu_has_bf16() or cpu_is_avx2_only()))
     return bool(choice)
 
 
