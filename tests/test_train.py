@@ -91,7 +91,7 @@ def test_schedules():
 
 def test_native_bf16_switch_overrides_the_cpu_flags(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setenv("RESNET_TL_NATIVE_BF16", "0")  # fp32; channels_last where the CPU is AVX2-only (next test)
+    monkeypatch.setenv("RESNET_TL_NATIVE_BF16", "0")  # fp32; channels_last where the CPU is AVX2-only (test above)
     assert not cpu_has_bf16() and pick_precision("auto", cpu, 224) is None
     monkeypatch.setenv("RESNET_TL_NATIVE_BF16", "1")
     assert pick_precision("auto", cpu, 224) == torch.bfloat16 and use_channels_last("auto", cpu, 224)
