@@ -13,6 +13,7 @@ as the export stage does (model.onnx, and model.int8.onnx calibrated on 64 other
             on this CPU: one of those)
   bare      the torch auto model, batch size, precision and memory format on tensors decoded and
             normalised beforehand: the ceiling for the torch path
+  bare NCHW bare in contiguous memory, where auto picked channels_last: what that choice buys
   one-by-one the tutorial's loop: open one image, transform, model, softmax, next (fp32)
 Each is run --repeats times, interleaved; the best time counts (the least disturbed by other
 processes). Targets: predict auto >= 5x one-by-one and >= 0.9x bare on CPUs with native bf16,
@@ -21,6 +22,7 @@ weights have near-ties that flip easily; a trained model's is in metrics/export.
 """
 import argparse
 import contextlib
+import copy
 import csv
 import io
 import os
@@ -114,9 +116,11 @@ def main():
             bare_model = compiled(bare_model, True, args.images, device)
 
         @torch.inference_mode()
-        def bare():  # (a compiled model meets the last, smaller batch only once: timed after a warm-up)
-            return torch.cat([forward(bare_model, preloaded[i:i + batch], run)
-                              for i in range(0, len(preloaded), batch)])
+        def batched(net, images, settings):  # (a compiled model meets the last, smaller batch once: warmed up)
+            return torch.cat([forward(net, images[i:i + batch], settings) for i in range(0, len(images), batch)])
+
+        def bare():
+            return batched(bare_model, preloaded, run)
 
         def real(backend, precision="auto"):
             def run_predict():
@@ -133,6 +137,10 @@ def main():
         chosen = {}
         contenders = dict([real("torch", "fp32"), real("torch", "auto"), real("onnx"), real("int8"), real("auto")])
         contenders.update({"bare": bare})
+        if run.channels_last and not args.compile:  # what the memory format buys: the same model in NCHW
+            nchw_model = copy.deepcopy(bare_model).to(memory_format=torch.contiguous_format)
+            nchw_run, nchw_images = run._replace(channels_last=False), preloaded.contiguous()
+            contenders["bare NCHW"] = lambda: batched(nchw_model, nchw_images, nchw_run)
 
         slow_model, _ = load_trained_model(tmp / "model.pt", device)  # plain fp32, as the tutorial ran it
 
