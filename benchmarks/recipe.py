@@ -64,6 +64,7 @@ ROWS = {
     "plus-trivialaugment": {"train.augment": "trivialaugment"},
     "plus-randaugment": {"train.augment": "randaugment"},
     "plus-mixup-cutmix": {"train.mixup": 0.2, "train.cutmix": 1.0},
+    "plus-crop-08": {"train.crop_scale": "[0.08,1.0]"},  # torchvision's crop range: smaller crops too
     "plus-class-balance": {"train.class_balance": "loss"},
     # Twice the updates per epoch; lr by the square root of the batch, the EMA over as many images
     "batch-16": {"train.batch_size": 16, "train.lr": 0.0014, "train.ema_decay": 0.999},
