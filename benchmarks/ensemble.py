@@ -4,8 +4,8 @@ of their probabilities, and how many runs get each val image right.
     python -m benchmarks.recipe --rows recipe plus-crop-08 --seeds 1 2 --workdir /tmp/grid   # first
     python -m benchmarks.ensemble /tmp/grid [/tmp/grid2 ...] [--budget 3] [--row recipe]
 
-Each finished experiment's models/model.pt comes from its workdir's DVC cache (the hash in the
-experiment's dvc.lock; nothing in the workdir changes) and scores the val split through the
+Each finished experiment's models/model.pt and manifest come from its workdir's DVC cache (the
+hashes in the experiment's dvc.lock; nothing in the workdir changes) and scores the val split through the
 evaluate stage's code (`classify_files`, the temperature folded in). Runs are pooled across rows
 and workdirs when they share the val split: k runs of one budget cost k times its minutes, so
 "3 runs of 3 minutes" is what a 10-minute budget could buy instead.
@@ -17,57 +17,69 @@ import argparse
 import itertools
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from anywhere: the project's own scoring code
-
-from src.data.manifest import read_manifest, rows_for  # noqa: E402
-from src.inference.classify import classify_files  # noqa: E402
-from src.networks.checkpoint import load_trained_model  # noqa: E402
+from src.data.manifest import read_manifest, rows_for
+from src.inference.classify import classify_files
+from src.networks.checkpoint import load_trained_model
 
 
-def git(workdir, *args):
-    return subprocess.run(["git", *args], cwd=workdir, capture_output=True, text=True, check=True).stdout
+class Run(NamedTuple):
+    workdir: Path
+    name: str
+    row: str        # recipe.py names a run ROW or ROW-seedN when it runs one budget
+    budget: float
+    model: Path     # models/model.pt in the DVC cache
+    manifest: Path  # data/manifest.csv in the DVC cache: the split the run trained on
 
 
-def out_md5(lock, stage, path):
-    return next(out["md5"] for out in lock["stages"][stage]["outs"] if out["path"] == path)
+def sh(workdir, *cmd):
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, check=True).stdout
 
 
 def runs(workdir):
-    """(name, budget, model path, manifest md5) of every finished experiment in a recipe workdir."""
-    for ref in git(workdir, "for-each-ref", "refs/exps", "--format=%(refname)").split():
+    """Every finished experiment of a `benchmarks.recipe` workdir, read from git and the DVC cache."""
+    if not (workdir / ".dvc").is_dir():
+        sys.exit(f"{workdir}: not a DVC project; give a --workdir of `python -m benchmarks.recipe`")
+    cache = Path(sh(workdir, "dvc", "cache", "dir").strip()) / "files" / "md5"
+
+    def cached(lock, stage, path):
+        md5 = next(out["md5"] for out in lock["stages"][stage]["outs"] if out["path"] == path)
+        return cache / md5[:2] / md5[2:]
+
+    for ref in sh(workdir, "git", "for-each-ref", "refs/exps", "--format=%(refname)").split():
         if ref.count("/") != 4:
             continue  # refs/exps/<2 hex>/<baseline commit>/<name> are experiments; refs/exps/exec/... are DVC's
-        lock = yaml.safe_load(git(workdir, "show", f"{ref}:dvc.lock"))
-        params = yaml.safe_load(git(workdir, "show", f"{ref}:params.yaml"))
+        lock = yaml.safe_load(sh(workdir, "git", "show", f"{ref}:dvc.lock"))
         if "train" not in lock["stages"]:
-            continue  # queued or failed before training
-        md5 = out_md5(lock, "train", "models/model.pt")
-        yield (ref.rsplit("/", 1)[1], params["train"]["time_budget"],
-               workdir / ".dvc/cache/files/md5" / md5[:2] / md5[2:], out_md5(lock, "split", "data/manifest.csv"))
+            continue  # failed before training
+        params = yaml.safe_load(sh(workdir, "git", "show", f"{ref}:params.yaml"))
+        name = ref.rsplit("/", 1)[1]
+        yield Run(workdir, name, name.rsplit("-seed", 1)[0], params["train"]["time_budget"],
+                  cached(lock, "train", "models/model.pt"), cached(lock, "split", "data/manifest.csv"))
 
 
-def val_probabilities(workdir, model_path):
-    """(probabilities, labels) of the val split, as the evaluate stage computes them."""
-    model, ckpt = load_trained_model(model_path, "cpu")
+def val_probabilities(run):
+    """(probabilities, labels) of the run's val split, as the evaluate stage computes them."""
+    model, ckpt = load_trained_model(run.model, "cpu")
+    paths, labels = rows_for(read_manifest(run.manifest), "val", ckpt["class_names"])
     cwd = os.getcwd()
-    os.chdir(workdir)  # the manifest's paths are relative to the workdir
+    os.chdir(run.workdir)  # the manifest's paths are relative to the workdir
     try:
-        paths, labels = rows_for(read_manifest(), "val", ckpt["class_names"])
         logits, errors = classify_files(model, ckpt, paths, torch.device("cpu"), batch_size=64, workers=0,
                                         desc="val")
     finally:
         os.chdir(cwd)
     if any(errors):
-        sys.exit(f"{workdir}: unreadable val images ({next(e for e in errors if e)})")
+        sys.exit(f"{run.workdir}: unreadable val images ({next(e for e in errors if e)})")
     return torch.softmax(logits.double(), 1).numpy(), np.asarray(labels)
 
 
@@ -83,20 +95,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("workdirs", nargs="+", type=Path, help="workdirs of benchmarks.recipe grids")
     parser.add_argument("--budget", type=float, default=None, help="only runs of this train.time_budget")
-    parser.add_argument("--row", default=None, help="only runs of this row (recipe: recipe-seed1, recipe-seed2, ...)")
+    parser.add_argument("--row", default=None,
+                        help="only runs named ROW or ROW-seedN (benchmarks.recipe's names for one budget)")
     args = parser.parse_args()
-    found = [(w.resolve(), *run) for w in args.workdirs for run in runs(w.resolve())]
-    found = [f for f in found if (args.budget is None or f[2] == args.budget)
-             and (args.row is None or f[1].rsplit("-seed", 1)[0] == args.row)]
-    if len({f[4] for f in found}) > 1:
+    if not shutil.which("dvc"):
+        sys.exit("dvc is not on PATH: activate the project's .venv first")
+    found = [run for w in args.workdirs for run in runs(w.resolve())
+             if (args.budget is None or run.budget == args.budget) and (args.row is None or run.row == args.row)]
+    if len({run.manifest.parts[-2:] for run in found}) > 1:  # its md5, whichever cache holds it
         sys.exit("the runs differ in their val split (data/manifest.csv): give workdirs of one dataset and seed "
                  "rule, e.g. a pre-split folder (train/ val/)")
     if len(found) < 2:
         sys.exit(f"{len(found)} finished run(s) found: an ensemble needs 2 or more")
     probs, labels = {}, None
-    for workdir, name, budget, model_path, _ in found:
-        key = f"{workdir.name}/{name} ({budget:g} min)"
-        probs[key], labels = val_probabilities(workdir, model_path)
+    for run in found:
+        key = f"{run.workdir.name}/{run.name} ({run.budget:g} min)"
+        probs[key], labels = val_probabilities(run)
         print(f"{key:50s} val acc {(probs[key].argmax(1) == labels).mean():.3f}", flush=True)
 
     names = list(probs)
